@@ -1,0 +1,15 @@
+//! offsite: replicate backup buckets to a second object storage, encrypted client-side with
+//! rclone crypt. `main` stays thin: it runs [`cli::run`] and prints an error once.
+
+mod cli;
+mod compliance;
+mod events;
+mod exit;
+mod policy;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let code = cli::main();
+    ExitCode::from(u8::try_from(code.as_i32()).unwrap_or(1))
+}
