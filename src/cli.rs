@@ -59,6 +59,31 @@ pub enum Command {
     },
     /// Parse the policy and run the compliance rules (exit 0, 2 or 3)
     Check,
+    /// Show the rendered rclone.conf (secrets redacted) and every rclone command `run` executes
+    Plan,
+    /// Write a working rclone.conf (0600, secrets obscured) for use with plain rclone
+    Render {
+        /// File to write (replaced atomically if it exists)
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
+    /// Check rclone, reachability of both sides and the destination bucket (read-only)
+    Doctor,
+    /// Replicate each bucket to data/<bucket> under the crypt root
+    Sync(SyncArgs),
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SyncArgs {
+    /// Only this bucket (repeatable)
+    #[arg(long = "bucket", value_name = "B")]
+    pub buckets: Vec<String>,
+    /// Show what would be copied and deleted; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Let a bucket that is empty at the source empty its replica (deletions are kept)
+    #[arg(long)]
+    pub allow_empty_source: bool,
 }
 
 impl Command {
@@ -66,6 +91,10 @@ impl Command {
         match self {
             Command::Init { .. } => "init",
             Command::Check => "check",
+            Command::Plan => "plan",
+            Command::Render { .. } => "render",
+            Command::Doctor => "doctor",
+            Command::Sync(_) => "sync",
         }
     }
 }
@@ -154,7 +183,7 @@ impl Ctx {
     }
 }
 
-fn policy_path(cli: &Cli) -> PathBuf {
+pub fn policy_path(cli: &Cli) -> PathBuf {
     cli.config
         .clone()
         .or_else(|| std::env::var_os("OFFSITE_CONFIG").map(PathBuf::from))
@@ -165,6 +194,10 @@ fn run(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
     match &cli.command {
         Command::Init { dir } => init(ctx, dir),
         Command::Check => check(cli, ctx),
+        Command::Plan => crate::commands::plan(cli, ctx),
+        Command::Render { to } => crate::commands::render_to(cli, ctx, to),
+        Command::Doctor => crate::commands::doctor(cli, ctx),
+        Command::Sync(a) => crate::commands::sync(cli, ctx, a),
     }
 }
 

@@ -2,14 +2,22 @@
 //! rclone crypt. `main` stays thin: it runs [`cli::run`] and prints an error once.
 
 mod cli;
+mod commands;
 mod compliance;
 mod events;
 mod exit;
 mod policy;
+mod progress;
+mod rclone;
+mod render;
+mod report;
+mod signals;
+mod sync;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    signals::install();
     let code = cli::main();
     ExitCode::from(u8::try_from(code.as_i32()).unwrap_or(1))
 }

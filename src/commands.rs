@@ -1,0 +1,337 @@
+//! The commands that touch rclone: thin compositions of policy → compliance → render → rclone
+//! → events → report. `init` and `check` live in [`crate::cli`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+
+use crate::cli::{load_checked, policy_path, Cli, Ctx, Done, SyncArgs};
+use crate::compliance::{self, Finding, Severity};
+use crate::exit::{fail, Code};
+use crate::policy::{BucketsSpec, Policy, Side};
+use crate::rclone::{display_argv, Rclone};
+use crate::render::{self, PrivateConfig, Secrets};
+use crate::report::{self, Document};
+use crate::sync::{self, Job};
+
+/// Load the policy and refuse to go on if compliance found an error (exit 3). Warnings are
+/// printed to stderr and the command continues.
+fn load_compliant(cli: &Cli, ctx: &Ctx) -> anyhow::Result<(Policy, Vec<Finding>)> {
+    let (policy, findings) = load_checked(cli)?;
+    for f in &findings {
+        if !ctx.quiet || f.severity == Severity::Error {
+            eprintln!(
+                "offsite: {} {} {}: {}",
+                match f.severity {
+                    Severity::Error => "error",
+                    Severity::Warning => "warning",
+                },
+                f.id,
+                f.field,
+                f.message
+            );
+        }
+    }
+    if compliance::has_errors(&findings) {
+        let ids: Vec<&str> = findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.id)
+            .collect();
+        return Err(fail(
+            Code::Noncompliant,
+            format!(
+                "{}: policy violates compliance rule(s) {}; `offsite check` explains each",
+                policy_path(cli).display(),
+                ids.join(", ")
+            ),
+        ));
+    }
+    Ok((policy, findings))
+}
+
+/// `plan`: the config with secrets redacted, and the exact command lines.
+pub fn plan(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
+    let (policy, findings) = load_checked(cli)?;
+    let code = if compliance::has_errors(&findings) {
+        Code::Noncompliant
+    } else {
+        Code::Ok
+    };
+    let config = render::render(&policy, &Secrets::Redacted)?;
+    // plan contacts nothing: rclone is located but not run, so its version is not known here.
+    let program =
+        crate::rclone::locate(cli.rclone.as_deref()).unwrap_or_else(|_| PathBuf::from("rclone"));
+    let conf = PathBuf::from("rclone.conf");
+    let mut global: Vec<OsString> = vec!["--config".into(), conf.clone().into()];
+    if let Some(ca) = std::env::var_os("AWS_CA_BUNDLE").filter(|v| !v.is_empty()) {
+        global.push("--ca-cert".into());
+        global.push(ca);
+    }
+    let mut commands = Vec::new();
+    let buckets = match &policy.buckets {
+        BucketsSpec::List(l) => l.clone(),
+        BucketsSpec::All => {
+            let mut a = global.clone();
+            a.extend(["lsjson", "--dirs-only", "--max-depth", "1", "source:"].map(OsString::from));
+            commands.push(display_argv(&program, &a));
+            vec![crate::policy::BucketSpec {
+                name: crate::policy::BucketName("<bucket>".into()),
+                exclude: vec![],
+            }]
+        }
+    };
+    for b in &buckets {
+        let argv = sync::sync_argv(&policy, global.clone(), b, false);
+        commands.push(display_argv(&program, &argv));
+    }
+    ctx.say(format!(
+        "# rclone.conf (secrets redacted; `offsite render --to {}` writes the real one)",
+        conf.display()
+    ));
+    ctx.say(config.trim_end());
+    ctx.say("");
+    ctx.say("# rclone commands, in order (run from the directory holding rclone.conf):");
+    for c in &commands {
+        ctx.say(c);
+    }
+    if !findings.is_empty() {
+        ctx.say("");
+        ctx.say("# compliance findings:");
+        crate::cli::print_findings(ctx, &findings);
+    }
+    Ok(Done {
+        doc: json!({
+            "command": "plan",
+            "policy": policy.name.0,
+            "status": code.status(),
+            "exit_code": code.as_i32(),
+            "rclone_conf": config,
+            "commands": commands,
+            "findings": findings,
+        }),
+        code,
+    })
+}
+
+/// `render --to FILE`: a working config for plain rclone.
+pub fn render_to(cli: &Cli, ctx: &Ctx, to: &Path) -> anyhow::Result<Done> {
+    let (policy, findings) = load_compliant(cli, ctx)?;
+    let text = render::render(&policy, &Secrets::Real)?;
+    render::write_0600(to, &text, true)?;
+    ctx.say(format!(
+        "wrote {} (mode 0600; remotes: source, destination, offsite). Try: rclone --config {} lsd offsite:",
+        to.display(),
+        to.display()
+    ));
+    ctx.say(
+        "It holds the S3 keys and the (obscured, reversible) crypt passwords: keep it private.",
+    );
+    Ok(Done {
+        doc: json!({
+            "command": "render",
+            "policy": policy.name.0,
+            "status": "ok",
+            "exit_code": 0,
+            "file": to,
+            "findings": findings,
+        }),
+        code: Code::Ok,
+    })
+}
+
+struct Probe {
+    check: &'static str,
+    ok: bool,
+    detail: String,
+    advice: Option<String>,
+}
+
+/// `doctor`: read-only checks with advice.
+pub fn doctor(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
+    let (policy, findings) = load_compliant(cli, ctx)?;
+    let rclone = Rclone::probe(cli.rclone.as_deref())?;
+    let sha = rclone
+        .sha256()
+        .unwrap_or_else(|e| format!("unreadable: {e}"));
+    let mut probes = vec![Probe {
+        check: "rclone",
+        ok: true,
+        detail: format!(
+            "{} ({}) sha256:{sha}",
+            rclone.path.display(),
+            rclone.version_line
+        ),
+        advice: None,
+    }];
+    let config = PrivateConfig::new(&policy)?;
+    let run = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        let mut a = rclone.global_args(config.path());
+        a.extend(args.iter().map(OsString::from));
+        rclone.output(&a, None)
+    };
+    // Source: list its top level (the buckets).
+    let out = run(&["lsjson", "--dirs-only", "--max-depth", "1", "source:"])?;
+    let listed: Vec<String> = serde_json::from_slice::<Vec<Value>>(&out.stdout)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e["Name"].as_str().map(String::from))
+        .collect();
+    probes.push(Probe {
+        check: "source reachable",
+        ok: out.status.success(),
+        detail: if out.status.success() {
+            format!("{} bucket(s) visible", listed.len())
+        } else {
+            sync::last_line(&out.stderr)
+        },
+        advice: (!out.status.success()).then(|| side_advice("source", &policy.source)),
+    });
+    if out.status.success() {
+        for b in policy.listed_buckets() {
+            let found = listed.contains(&b.name.0);
+            probes.push(Probe {
+                check: "source bucket",
+                ok: found,
+                detail: format!("{} {}", b.name, if found { "exists" } else { "NOT FOUND" }),
+                advice: (!found).then(|| {
+                    format!(
+                        "create bucket {} on the source, or remove it from `buckets:`",
+                        b.name
+                    )
+                }),
+            });
+        }
+    }
+    // Destination: the bucket that holds the crypt root must exist and be listable.
+    let root = render::crypt_root(&policy);
+    let bucket_path = match root.split_once('/') {
+        Some((b, _)) => b.to_string(),
+        None => root.clone(),
+    };
+    let out = run(&["lsf", "--max-depth", "1", &bucket_path])?;
+    let missing = out.status.code() == Some(3);
+    probes.push(Probe {
+        check: "destination bucket",
+        ok: out.status.success(),
+        detail: if out.status.success() {
+            format!("{bucket_path} reachable")
+        } else if missing {
+            format!("{bucket_path} does not exist")
+        } else {
+            sync::last_line(&out.stderr)
+        },
+        advice: (!out.status.success()).then(|| {
+            if missing {
+                "create the destination bucket (offsite sync creates it when the key may create buckets)".to_string()
+            } else {
+                side_advice("destination", &policy.destination)
+            }
+        }),
+    });
+    drop(config);
+    let ok = probes.iter().all(|p| p.ok);
+    let code = if ok { Code::Ok } else { Code::Failed };
+    for p in &probes {
+        ctx.say(format!(
+            "{} {}: {}",
+            if p.ok { "ok  " } else { "FAIL" },
+            p.check,
+            p.detail
+        ));
+        if let Some(a) = &p.advice {
+            ctx.say(format!("     -> {a}"));
+        }
+    }
+    Ok(Done {
+        doc: json!({
+            "command": "doctor",
+            "policy": policy.name.0,
+            "status": code.status(),
+            "exit_code": code.as_i32(),
+            "rclone": {"path": rclone.path, "version": rclone.version.to_string(), "sha256": sha},
+            "checks": probes.iter().map(|p| json!({"check": p.check, "ok": p.ok, "detail": p.detail, "advice": p.advice})).collect::<Vec<_>>(),
+            "findings": findings,
+        }),
+        code,
+    })
+}
+
+fn side_advice(name: &str, side: &Side) -> String {
+    match side {
+        Side::S3(s) => format!(
+            "check {name}.endpoint ({}) is reachable from here, and that the keys in {} / {} are valid",
+            s.endpoint, s.access_key_id.origin, s.secret_access_key.origin
+        ),
+        Side::Local { path } => format!("check that {} exists and is readable", path.display()),
+        Side::Other { kind, .. } => format!("check the {kind} options of {name}"),
+    }
+}
+
+/// `sync`: replicate each bucket.
+pub fn sync(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
+    let started = SystemTime::now();
+    let run_id = report::run_id(started);
+    let (policy, findings) = load_compliant(cli, ctx)?;
+    let rclone = Rclone::probe(cli.rclone.as_deref())?;
+    let config = PrivateConfig::new(&policy)?;
+    let buckets = sync::resolve_buckets(&policy, &args.buckets, || {
+        sync::discover_source_buckets(&rclone, config.path())
+    })?;
+    let job = Job {
+        policy: &policy,
+        rclone: &rclone,
+        config: config.path(),
+        dry_run: args.dry_run,
+        verbose: ctx.verbose,
+        quiet: ctx.quiet,
+    };
+    let progress = crate::progress::Progress::new(ctx.no_progress || ctx.quiet);
+    let results = sync::sync_all(&job, &buckets, &progress);
+    drop(config);
+    crate::signals::check()?;
+    let code = report::overall(results.iter().map(|r| r.code()));
+    let changed = !args.dry_run && results.iter().any(|r| r.copied > 0 || r.deleted > 0);
+    if !ctx.json && !ctx.quiet {
+        print!("{}", report::table(&results));
+        println!(
+            "{}: {} bucket(s), changed: {changed}{}",
+            code.status(),
+            results.len(),
+            if args.dry_run {
+                " (dry run: nothing was changed)"
+            } else {
+                ""
+            }
+        );
+    }
+    for r in results.iter().filter(|r| r.code() != Code::Ok) {
+        eprintln!(
+            "offsite sync: bucket {}: {}",
+            r.name,
+            r.error.as_deref().unwrap_or(r.status)
+        );
+    }
+    let doc = Document {
+        command: "sync",
+        policy: &policy.name.0,
+        run_id: &run_id,
+        rclone: &rclone,
+        started,
+        finished: SystemTime::now(),
+        code,
+        changed,
+        buckets: results
+            .iter()
+            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+            .collect(),
+        guards: vec![],
+        findings: &findings,
+    };
+    Ok(Done {
+        doc: doc.to_json(),
+        code,
+    })
+}
