@@ -264,8 +264,10 @@ pub struct PrivateConfig {
 impl PrivateConfig {
     pub fn new(p: &Policy) -> anyhow::Result<PrivateConfig> {
         let text = render(p, &Secrets::Real)?;
+        // 0700 explicitly: tempfile applies the umask to directories.
         let dir = tempfile::Builder::new()
             .prefix("offsite-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .context("creating a private temp directory (set TMPDIR to a writable place)")?;
         let path = dir.path().join("rclone.conf");
