@@ -69,8 +69,19 @@ pub enum Command {
     },
     /// Check rclone, reachability of both sides and the destination bucket (read-only)
     Doctor,
-    /// Replicate each bucket to data/<bucket> under the crypt root
+    /// Replicate each bucket to data/<bucket> under the crypt root, behind the guards
     Sync(SyncArgs),
+    /// The scheduled job: sync, then prune kept deletions older than guards.keep_deleted_days
+    Run(SyncArgs),
+    /// Kept deletions (deleted/<run-id>/<bucket>/ under the crypt root)
+    #[command(subcommand)]
+    Deleted(DeletedCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeletedCommand {
+    /// List the kept generations with object counts and age
+    List,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -95,6 +106,8 @@ impl Command {
             Command::Render { .. } => "render",
             Command::Doctor => "doctor",
             Command::Sync(_) => "sync",
+            Command::Run(_) => "run",
+            Command::Deleted(_) => "deleted",
         }
     }
 }
@@ -198,6 +211,8 @@ fn run(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
         Command::Render { to } => crate::commands::render_to(cli, ctx, to),
         Command::Doctor => crate::commands::doctor(cli, ctx),
         Command::Sync(a) => crate::commands::sync(cli, ctx, a),
+        Command::Run(a) => crate::commands::run(cli, ctx, a),
+        Command::Deleted(DeletedCommand::List) => crate::commands::deleted_list(cli, ctx),
     }
 }
 

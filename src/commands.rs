@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use crate::cli::{load_checked, policy_path, Cli, Ctx, Done, SyncArgs};
 use crate::compliance::{self, Finding, Severity};
 use crate::exit::{fail, Code};
+use crate::guards;
 use crate::policy::{BucketsSpec, Policy, Side};
 use crate::rclone::{display_argv, Rclone};
 use crate::render::{self, PrivateConfig, Secrets};
@@ -83,8 +84,21 @@ pub fn plan(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
             }]
         }
     };
+    let g = &policy.guards;
     for b in &buckets {
-        let argv = sync::sync_argv(&policy, global.clone(), b, false);
+        // Guard arguments as they will be computed at run time.
+        let plan = crate::guards::BucketPlan {
+            spec: b.clone(),
+            skip: None,
+            max_delete: None,
+            backup_dir: (g.keep_deleted_days.0 > 0)
+                .then(|| format!("offsite:deleted/<run-id>/{}", b.name)),
+        };
+        let mut argv = sync::sync_argv(&policy, global.clone(), &plan, false);
+        if g.max_delete_percent.0 < 100 {
+            argv.push("--max-delete".into());
+            argv.push(format!("<{}% of the replica's objects>", g.max_delete_percent.0).into());
+        }
         commands.push(display_argv(&program, &argv));
     }
     ctx.say(format!(
@@ -168,7 +182,7 @@ pub fn doctor(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
     }];
     let config = PrivateConfig::new(&policy)?;
     let run = |args: &[&str]| -> anyhow::Result<std::process::Output> {
-        let mut a = rclone.global_args(config.path());
+        let mut a = rclone.meta_args(config.path());
         a.extend(args.iter().map(OsString::from));
         rclone.output(&a, None)
     };
@@ -270,8 +284,24 @@ fn side_advice(name: &str, side: &Side) -> String {
     }
 }
 
-/// `sync`: replicate each bucket.
+/// `sync` (and the sync step of `run`): guards, then replicate each bucket.
 pub fn sync(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
+    replicate(cli, ctx, args, "sync", false)
+}
+
+/// `run`: the scheduled job. Today: sync, then pruning of kept deletions older than
+/// `guards.keep_deleted_days` (verify and reporting join with their issues).
+pub fn run(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
+    replicate(cli, ctx, args, "run", true)
+}
+
+fn replicate(
+    cli: &Cli,
+    ctx: &Ctx,
+    args: &SyncArgs,
+    command: &str,
+    prune: bool,
+) -> anyhow::Result<Done> {
     let started = SystemTime::now();
     let run_id = report::run_id(started);
     let (policy, findings) = load_compliant(cli, ctx)?;
@@ -280,6 +310,13 @@ pub fn sync(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
     let buckets = sync::resolve_buckets(&policy, &args.buckets, || {
         sync::discover_source_buckets(&rclone, config.path())
     })?;
+    let opts = guards::Options {
+        dry_run: args.dry_run,
+        allow_empty_source: args.allow_empty_source,
+        lock_suffix: String::new(),
+    };
+    let (guarded, plans) =
+        guards::Guarded::begin(&policy, &rclone, &config, &run_id, &buckets, &opts)?;
     let job = Job {
         policy: &policy,
         rclone: &rclone,
@@ -289,13 +326,55 @@ pub fn sync(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
         quiet: ctx.quiet,
     };
     let progress = crate::progress::Progress::new(ctx.no_progress || ctx.quiet);
-    let results = sync::sync_all(&job, &buckets, &progress);
-    drop(config);
+    let outcomes = sync::sync_all(&job, &plans, &progress);
     crate::signals::check()?;
+    let mut decisions = guarded.decisions.clone();
+    for (r, c) in &outcomes {
+        if let Some(c) = c {
+            if c.max_delete_reached {
+                decisions.push(guards::Decision {
+                    guard: "max_delete",
+                    bucket: Some(r.name.clone()),
+                    result: "refused",
+                    detail: r.error.clone().unwrap_or_default(),
+                });
+            }
+        }
+    }
+    guarded.finish(&outcomes)?;
+    let mut pruned = Vec::new();
+    if prune && policy.guards.keep_deleted_days.0 > 0 {
+        let (ids, d) = guards::prune(
+            &rclone,
+            config.path(),
+            policy.guards.keep_deleted_days.0,
+            args.dry_run,
+        )?;
+        pruned = ids;
+        decisions.extend(d);
+    }
+    drop(config);
+    let results: Vec<_> = outcomes.into_iter().map(|(r, _)| r).collect();
     let code = report::overall(results.iter().map(|r| r.code()));
-    let changed = !args.dry_run && results.iter().any(|r| r.copied > 0 || r.deleted > 0);
+    let changed = !args.dry_run
+        && (results.iter().any(|r| r.copied > 0 || r.deleted > 0) || !pruned.is_empty());
     if !ctx.json && !ctx.quiet {
         print!("{}", report::table(&results));
+        for d in decisions
+            .iter()
+            .filter(|d| !matches!(d.result, "pass" | "acquired"))
+        {
+            println!(
+                "guard {}{}: {}: {}",
+                d.guard,
+                d.bucket
+                    .as_deref()
+                    .map(|b| format!(" [{b}]"))
+                    .unwrap_or_default(),
+                d.result,
+                d.detail
+            );
+        }
         println!(
             "{}: {} bucket(s), changed: {changed}{}",
             code.status(),
@@ -309,13 +388,13 @@ pub fn sync(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
     }
     for r in results.iter().filter(|r| r.code() != Code::Ok) {
         eprintln!(
-            "offsite sync: bucket {}: {}",
+            "offsite {command}: bucket {}: {}",
             r.name,
             r.error.as_deref().unwrap_or(r.status)
         );
     }
     let doc = Document {
-        command: "sync",
+        command,
         policy: &policy.name.0,
         run_id: &run_id,
         rclone: &rclone,
@@ -327,11 +406,56 @@ pub fn sync(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
             .iter()
             .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
             .collect(),
-        guards: vec![],
+        guards: guards::decisions_json(&decisions),
         findings: &findings,
     };
+    let mut doc = doc.to_json();
+    if prune {
+        doc["pruned_generations"] = json!(pruned);
+    }
+    Ok(Done { doc, code })
+}
+
+/// `deleted list`: the generations kept under deleted/, with counts and age.
+pub fn deleted_list(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
+    let (policy, findings) = load_compliant(cli, ctx)?;
+    let rclone = Rclone::probe(cli.rclone.as_deref())?;
+    let config = PrivateConfig::new(&policy)?;
+    let gens = guards::generations(&rclone, config.path())?;
+    drop(config);
+    if !ctx.json {
+        if gens.is_empty() {
+            ctx.say("no kept deletions under deleted/");
+        } else {
+            ctx.say(format!(
+                "{:<24} {:>8} {:>10} {:>8}  buckets",
+                "run id", "objects", "bytes", "age (d)"
+            ));
+        }
+        for g in &gens {
+            let buckets: Vec<String> = g.buckets.iter().map(|(b, n)| format!("{b}:{n}")).collect();
+            ctx.say(format!(
+                "{:<24} {:>8} {:>10} {:>8}  {}",
+                g.run_id,
+                g.objects,
+                report::human_bytes(g.bytes),
+                g.age_days
+                    .map(|a| format!("{a:.1}"))
+                    .unwrap_or_else(|| "?".into()),
+                buckets.join(" ")
+            ));
+        }
+    }
     Ok(Done {
-        doc: doc.to_json(),
-        code,
+        doc: json!({
+            "command": "deleted list",
+            "policy": policy.name.0,
+            "status": "ok",
+            "exit_code": 0,
+            "keep_deleted_days": policy.guards.keep_deleted_days.0,
+            "generations": guards::generations_json(&gens),
+            "findings": findings,
+        }),
+        code: Code::Ok,
     })
 }

@@ -19,6 +19,9 @@
 //! - With `--backup-dir`, a deletion logs `Moved (server-side)` then `Moved into backup dir` (no
 //!   `Deleted`); a replacement logs `Moved (server-side)` (the old version, into the backup dir)
 //!   then `Copied (new)`, not `Copied (replaced existing)`.
+//! - Onto S3 (Garage, both versions) S3 has no server-side move: a move into the backup dir is
+//!   `Copied (server-side copy)` (objectType `*crypt.Object`) then `Deleted` of the same object;
+//!   a deletion adds `Moved into backup dir`, an overwrite is followed by `Copied (new)`.
 //! - Dry run (NOTICE, "warning" on 1.60; both versions carry `size` and `skipped` keys):
 //!   `Skipped copy as --dry-run is set (size 21)`, `Skipped move into backup dir as --dry-run is
 //!   set (size 5)` (a deletion under --backup-dir), `Skipped move as --dry-run is set (size 6)`
@@ -350,11 +353,15 @@ pub struct BucketCounts {
     pub copied: u64,
     /// Plaintext bytes: the sum of `size` over copies.
     pub copied_bytes: u64,
+    /// Of `copied`, overwrites of an existing replica object: `Copied (replaced existing)`
+    /// without `--backup-dir`, or a copy whose old version was just moved into the backup dir.
+    /// Keeps the replica's object count right: count += copied - replaced - deleted.
+    pub replaced: u64,
     /// False when a copy line had no `size` (rclone < 1.63), so `copied_bytes` is too low.
     pub sizes_complete: bool,
     /// Objects removed from the replica (deleted or moved into the backup dir).
     pub deleted: u64,
-    /// Of `deleted`, those moved into the backup dir.
+    /// Moves into the backup dir: deletions and the old versions of overwritten objects.
     pub moved_to_backup: u64,
     /// `Updated modification time in destination` (not a copy).
     pub modtime_updated: u64,
@@ -379,6 +386,9 @@ pub struct BucketCounts {
     pub last_stats: Option<Stats>,
     /// The last plain-text lines (non-JSON), for the error message.
     pub unhandled_text: Vec<String>,
+    /// Objects whose backup move started and whose fate (deleted or overwritten) is not known.
+    #[serde(skip)]
+    moving_out: std::collections::HashSet<String>,
     #[serde(skip)]
     attempt_error_lines: u64,
     #[serde(skip)]
@@ -392,6 +402,7 @@ impl Default for BucketCounts {
         BucketCounts {
             copied: 0,
             copied_bytes: 0,
+            replaced: 0,
             sizes_complete: true,
             deleted: 0,
             moved_to_backup: 0,
@@ -409,6 +420,7 @@ impl Default for BucketCounts {
             failed_attempts: 0,
             last_stats: None,
             unhandled_text: Vec::new(),
+            moving_out: std::collections::HashSet::new(),
             attempt_error_lines: 0,
             attempt_stats_errors: 0,
             reported_errors: None,
@@ -633,8 +645,28 @@ impl BucketCounts {
                 return;
             }
         }
+        // A move into --backup-dir. S3 has no server-side move, so rclone logs it as
+        // `Copied (server-side copy)` then `Deleted` of the same object (observed on Garage with
+        // 1.60.1 and 1.75.2); backends that move natively (local) log `Moved (server-side)`.
+        // A real upload in a sync is never server-side: the source is another remote.
+        if msg.starts_with("Copied (server-side copy)") || msg.starts_with("Moved (server-side)") {
+            self.moved_to_backup += 1;
+            if let Some(object) = &ev.object {
+                self.moving_out.insert(object.clone());
+            }
+            return;
+        }
         if is_copied(msg) {
             self.copied += 1;
+            let was_moved_out = ev
+                .object
+                .as_ref()
+                .is_some_and(|o| self.moving_out.remove(o));
+            // An overwrite: the old version was moved into the backup dir (then `Copied
+            // (new)`), or replaced in place without --backup-dir.
+            if was_moved_out || msg.contains("(replaced existing)") {
+                self.replaced += 1;
+            }
             match ev.size {
                 Some(size) => self.copied_bytes = self.copied_bytes.saturating_add(size),
                 None => self.sizes_complete = false,
@@ -645,12 +677,20 @@ impl BucketCounts {
             return;
         }
         match msg {
+            // The delete half of a backup move: not a deletion by itself (an overwrite's old
+            // version also leaves this way); `Moved into backup dir` follows for deletions.
+            "Deleted"
+                if ev
+                    .object
+                    .as_ref()
+                    .is_some_and(|o| self.moving_out.contains(o)) =>
+            {
+                return;
+            }
             "Deleted" | "Moved into backup dir" => {
                 self.deleted += 1;
-                if msg != "Deleted" {
-                    self.moved_to_backup += 1;
-                }
                 if let Some(object) = &ev.object {
+                    self.moving_out.remove(object);
                     self.deleted_objects.push(object.clone());
                 }
                 return;
@@ -993,8 +1033,10 @@ mod tests {
             })
             .collect();
         let c = counts_of(&log);
-        assert_eq!((c.copied, c.copied_bytes, c.sizes_complete), (8, 80, true));
-        assert_eq!(c.changed_objects.len(), 8);
+        // `Copied (server-side copy)` is the first half of a backup move, not an upload.
+        assert_eq!((c.copied, c.copied_bytes, c.sizes_complete), (7, 70, true));
+        assert_eq!(c.changed_objects.len(), 7);
+        assert_eq!(c.moved_to_backup, 1);
         assert_eq!(c.errors, 0);
         for not_a_copy in [
             "Copied",
@@ -1427,13 +1469,57 @@ mod tests {
         }
     }
 
+    /// A sync with --backup-dir onto S3 (Garage), as logged by 1.60.1 and 1.75.2: over.txt
+    /// overwritten, gone.txt deleted. S3 moves are a server-side copy plus a delete.
+    #[test]
+    fn s3_backup_dir_moves() {
+        for log in [
+            concat!(
+                r#"{"level":"info","msg":"Copied (server-side copy)","object":"over.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+                r#"{"level":"info","msg":"Deleted","object":"over.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+                r#"{"level":"info","msg":"Copied (new)","object":"over.txt","objectType":"*local.Object"}"#,
+                "\n",
+                r#"{"level":"info","msg":"Copied (server-side copy)","object":"gone.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+                r#"{"level":"info","msg":"Deleted","object":"gone.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+                r#"{"level":"info","msg":"Moved into backup dir","object":"gone.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+            ),
+            concat!(
+                r#"{"time":"t","level":"info","msg":"Copied (server-side copy)","size":5,"object":"over.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+                r#"{"time":"t","level":"info","msg":"Deleted","object":"over.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+                r#"{"time":"t","level":"info","msg":"Copied (new)","size":7,"object":"over.txt","objectType":"*local.Object"}"#,
+                "\n",
+                r#"{"time":"t","level":"info","msg":"Copied (server-side copy)","size":5,"object":"gone.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+                r#"{"time":"t","level":"info","msg":"Deleted","object":"gone.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+                r#"{"time":"t","level":"info","msg":"Moved into backup dir","object":"gone.txt","objectType":"*crypt.Object"}"#,
+                "\n",
+            ),
+        ] {
+            let c = counts_of(log);
+            assert_eq!(
+                (c.copied, c.replaced, c.deleted, c.moved_to_backup),
+                (1, 1, 1, 2)
+            );
+            assert_eq!(c.deleted_objects, ["gone.txt"]);
+            assert_eq!(c.changed_objects, ["over.txt"]);
+        }
+    }
+
     #[test]
     fn fixture_incremental_with_backup_dir() {
         for v in VERSIONS {
             let c = fixture(v, "incremental");
             assert_eq!(
                 (c.copied, c.deleted, c.moved_to_backup, c.errors),
-                (2, 1, 1, 0),
+                (2, 1, 2, 0),
                 "{v}"
             );
             assert_eq!(c.deleted_objects, ["delete-me.txt"], "{v}");

@@ -6,6 +6,7 @@ mod commands;
 mod compliance;
 mod events;
 mod exit;
+mod guards;
 mod policy;
 mod progress;
 mod rclone;

@@ -108,12 +108,38 @@ fn inherited_ca_bundle() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// The base expression for every rclone run: explicit argv, scrubbed environment, and the
+/// child bound to offsite's life.
+fn command(program: &Path, args: &[OsString]) -> duct::Expression {
+    duct::cmd(program, args)
+        .full_env(child_env())
+        .before_spawn(|cmd| {
+            die_with_parent(cmd);
+            Ok(())
+        })
+}
+
+/// Ask the kernel to SIGKILL rclone if offsite dies without stopping it (SIGKILL, OOM kill).
+/// Without this an orphaned rclone would go on writing to the secondary after the run's lock
+/// lease expired, next to the next run.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes the prctl(2)
+    // system call, which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 impl Rclone {
     /// Find rclone and check it runs and is new enough (C013, exit 7).
     pub fn probe(flag: Option<&Path>) -> anyhow::Result<Rclone> {
         let path = locate(flag)?;
-        let out = duct::cmd(&path, ["version"])
-            .full_env(child_env())
+        let out = command(&path, &["version".into()])
             .stdin_null()
             .stdout_capture()
             .stderr_capture()
@@ -155,6 +181,27 @@ impl Rclone {
         })
     }
 
+    /// Global arguments for offsite's own small requests (guards, state, listings): fail in
+    /// seconds, not minutes, when a side is unreachable; rclone's defaults (3 retries × 10
+    /// low-level retries with back-off) are meant for transfers.
+    pub fn meta_args(&self, config: &Path) -> Vec<OsString> {
+        let mut a = self.global_args(config);
+        a.extend(
+            [
+                "--retries",
+                "1",
+                "--low-level-retries",
+                "2",
+                "--contimeout",
+                "15s",
+                "--timeout",
+                "60s",
+            ]
+            .map(OsString::from),
+        );
+        a
+    }
+
     /// Global arguments every invocation gets: the rendered config, and the CA bundle.
     pub fn global_args(&self, config: &Path) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["--config".into(), config.into()];
@@ -169,8 +216,7 @@ impl Rclone {
     /// stderr pipe cannot deadlock the child). `stdin` carries secrets when needed.
     pub fn output(&self, args: &[OsString], stdin: Option<&[u8]>) -> anyhow::Result<Output> {
         crate::signals::check()?;
-        let mut expr = duct::cmd(&self.path, args)
-            .full_env(child_env())
+        let mut expr = command(&self.path, args)
             .stdout_capture()
             .stderr_capture()
             .unchecked();
@@ -197,8 +243,7 @@ impl Rclone {
         mut on_line: impl FnMut(&[u8]),
     ) -> anyhow::Result<Option<i32>> {
         crate::signals::check()?;
-        let reader = duct::cmd(&self.path, args)
-            .full_env(child_env())
+        let reader = command(&self.path, args)
             .stdin_null()
             .stderr_to_stdout()
             .unchecked()
@@ -233,6 +278,69 @@ impl Rclone {
         Ok(status)
     }
 
+    /// Run until the first stdout line and stop: a cheap "is there anything?" probe that costs
+    /// one listing page however big the bucket (rclone `lsf` prints as it lists). stderr is
+    /// drained by duct on its own thread; dropping the reader kills and reaps rclone.
+    pub fn first_line(&self, args: &[OsString]) -> anyhow::Result<FirstLine> {
+        crate::signals::check()?;
+        let reader = command(&self.path, args)
+            .stdin_null()
+            .stderr_capture()
+            .unchecked()
+            .reader()
+            .with_context(|| format!("starting {}", self.path.display()))?;
+        let _guard = crate::signals::Child::register(reader.pids());
+        let mut buf = BufReader::new(&reader);
+        let mut line = Vec::new();
+        (&mut buf)
+            .take(64 * 1024)
+            .read_until(b'\n', &mut line)
+            .context("reading rclone output")?;
+        if !line.is_empty() {
+            drop(buf);
+            let _ = reader.kill();
+            // Read to EOF: duct then waits on (reaps) the killed child.
+            let _ = std::io::copy(&mut &reader, &mut std::io::sink());
+            return Ok(FirstLine::Line);
+        }
+        drop(buf);
+        let out = reader.try_wait().context("waiting for rclone")?;
+        crate::signals::check()?;
+        Ok(match out {
+            Some(o) if o.status.success() => FirstLine::Empty,
+            Some(o) => FirstLine::Failed {
+                code: o.status.code(),
+                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            },
+            None => FirstLine::Failed {
+                code: None,
+                stderr: String::new(),
+            },
+        })
+    }
+
+    /// Like [`Rclone::output`], for cleanup after a signal (releasing the run lock): it runs
+    /// even when a signal is pending, is not stopped by the signal watcher, and is bounded in
+    /// time.
+    pub fn output_cleanup(&self, args: &[OsString], stdin: Option<&[u8]>) -> Option<Output> {
+        let mut expr = command(&self.path, args)
+            .stdout_capture()
+            .stderr_capture()
+            .unchecked();
+        expr = match stdin {
+            Some(b) => expr.stdin_bytes(b.to_vec()),
+            None => expr.stdin_null(),
+        };
+        let handle = expr.start().ok()?;
+        match handle.wait_timeout(std::time::Duration::from_secs(10)) {
+            Ok(Some(o)) => Some(o.clone()),
+            _ => {
+                let _ = handle.kill();
+                None
+            }
+        }
+    }
+
     /// sha256 of the binary, for doctor and attestations.
     pub fn sha256(&self) -> anyhow::Result<String> {
         use sha2::Digest;
@@ -243,6 +351,17 @@ impl Rclone {
             .with_context(|| format!("hashing {}", self.path.display()))?;
         Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
+}
+
+/// The result of [`Rclone::first_line`].
+#[derive(Debug)]
+pub enum FirstLine {
+    /// rclone printed at least one line.
+    Line,
+    /// rclone exited 0 without output.
+    Empty,
+    /// rclone exited non-zero (3 is "directory not found") or was killed.
+    Failed { code: Option<i32>, stderr: String },
 }
 
 /// Quote an argv for display (plan, logs): shell-style, for copy and paste.

@@ -256,7 +256,7 @@ pub fn render(p: &Policy, mode: &Secrets) -> anyhow::Result<String> {
 /// removes both, on every exit path that unwinds (errors, SIGTERM/SIGINT via
 /// [`crate::signals`]); only SIGKILL can leave it, still 0600 in a 0700 directory.
 pub struct PrivateConfig {
-    // Held for its Drop: removes the directory and the config in it.
+    // Its Drop removes the directory and everything in it.
     _dir: tempfile::TempDir,
     path: PathBuf,
 }
@@ -265,8 +265,9 @@ impl PrivateConfig {
     pub fn new(p: &Policy) -> anyhow::Result<PrivateConfig> {
         let text = render(p, &Secrets::Real)?;
         // 0700 explicitly: tempfile applies the umask to directories.
+        remove_stale_dirs();
         let dir = tempfile::Builder::new()
-            .prefix("offsite-")
+            .prefix(&format!("offsite-{}-", std::process::id()))
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .context("creating a private temp directory (set TMPDIR to a writable place)")?;
@@ -277,6 +278,34 @@ impl PrivateConfig {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The private directory, for the run's other scratch files (state, lock, filter lists):
+    /// removed with the config.
+    pub fn scratch(&self) -> &Path {
+        self._dir.path()
+    }
+}
+
+/// Remove private directories left by offsite processes that no longer exist (only SIGKILL
+/// or a power cut leaves one: every other exit path removes its own). Their names carry the
+/// owner's pid: `offsite-<pid>-XXXXXX`.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("offsite-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if is_dir && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use anyhow::Context;
 
 use crate::events::{self, BucketCounts, Level, Line};
 use crate::exit::{fail, Code};
+use crate::guards::BucketPlan;
 use crate::policy::{BucketSpec, BucketsSpec, Policy};
 use crate::progress::{BucketProgress, Progress};
 use crate::rclone::Rclone;
@@ -36,9 +37,10 @@ pub struct Job<'a> {
 pub fn sync_argv(
     policy: &Policy,
     global: Vec<OsString>,
-    bucket: &BucketSpec,
+    plan: &BucketPlan,
     dry_run: bool,
 ) -> Vec<OsString> {
+    let bucket = &plan.spec;
     let s = &policy.sync;
     let mut a = global;
     let mut push = |x: &str| a.push(OsString::from(x));
@@ -66,6 +68,16 @@ pub fn sync_argv(
     }
     for f in &s.extra_flags {
         push(&f.0);
+    }
+    // Guards: overwritten and deleted objects move to deleted/<run-id>/<bucket> (same crypt
+    // remote, not overlapping data/), and at most this many may go per run (moves count).
+    if let Some(dir) = &plan.backup_dir {
+        push("--backup-dir");
+        push(dir);
+    }
+    if let Some(n) = plan.max_delete {
+        push("--max-delete");
+        push(&n.to_string());
     }
     if dry_run {
         push("--dry-run");
@@ -116,7 +128,7 @@ pub fn resolve_buckets(
 
 /// `buckets: all`: the top-level directories of `source:` (buckets on S3).
 pub fn discover_source_buckets(rclone: &Rclone, config: &Path) -> anyhow::Result<Vec<String>> {
-    let mut args = rclone.global_args(config);
+    let mut args = rclone.meta_args(config);
     args.extend(
         ["lsjson", "--dirs-only", "--max-depth", "1", "source:"]
             .iter()
@@ -166,19 +178,29 @@ pub fn last_line(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Replicate every bucket, `parallel_buckets` at a time. Results keep the bucket order.
-pub fn sync_all(job: &Job, buckets: &[BucketSpec], progress: &Progress) -> Vec<BucketResult> {
-    let workers = (job.policy.sync.parallel_buckets.0 as usize).clamp(1, buckets.len().max(1));
+/// A bucket's outcome and, when its sync ran, rclone's counts.
+pub type Outcome = (BucketResult, Option<BucketCounts>);
+
+/// Replicate every bucket the guards let through, `parallel_buckets` at a time. Results keep
+/// the bucket order.
+pub fn sync_all(job: &Job, plans: &[BucketPlan], progress: &Progress) -> Vec<Outcome> {
+    let workers = (job.policy.sync.parallel_buckets.0 as usize).clamp(1, plans.len().max(1));
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<BucketResult>>> = Mutex::new(vec![None; buckets.len()]);
+    let results: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; plans.len()]);
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(bucket) = buckets.get(i) else { break };
-                let bar = progress.bucket(&bucket.name.0);
-                let r = sync_one(job, bucket, &bar);
-                bar.finish();
+                let Some(plan) = plans.get(i) else { break };
+                let r = match &plan.skip {
+                    Some(decided) => (decided.clone(), None),
+                    None => {
+                        let bar = progress.bucket(&plan.spec.name.0);
+                        let (r, c) = sync_one(job, plan, &bar);
+                        bar.finish();
+                        (r, Some(c))
+                    }
+                };
                 if let Ok(mut res) = results.lock() {
                     res[i] = Some(r);
                 }
@@ -189,20 +211,26 @@ pub fn sync_all(job: &Job, buckets: &[BucketSpec], progress: &Progress) -> Vec<B
         .into_inner()
         .unwrap_or_default()
         .into_iter()
-        .zip(buckets)
-        .map(|(r, b)| {
-            r.unwrap_or_else(|| BucketResult {
-                name: b.name.0.clone(),
-                status: "failed",
-                error: Some("internal error: bucket was not processed".into()),
-                code: Some(Code::Internal),
-                ..Default::default()
+        .zip(plans)
+        .map(|(r, p)| {
+            r.unwrap_or_else(|| {
+                (
+                    BucketResult {
+                        name: p.spec.name.0.clone(),
+                        status: "failed",
+                        error: Some("internal error: bucket was not processed".into()),
+                        code: Some(Code::Internal),
+                        ..Default::default()
+                    },
+                    None,
+                )
             })
         })
         .collect()
 }
 
-fn sync_one(job: &Job, bucket: &BucketSpec, bar: &BucketProgress) -> BucketResult {
+fn sync_one(job: &Job, plan: &BucketPlan, bar: &BucketProgress) -> (BucketResult, BucketCounts) {
+    let bucket = &plan.spec;
     let name = bucket.name.0.clone();
     let mut result = BucketResult {
         name: name.clone(),
@@ -211,7 +239,7 @@ fn sync_one(job: &Job, bucket: &BucketSpec, bar: &BucketProgress) -> BucketResul
     let args = sync_argv(
         job.policy,
         job.rclone.global_args(job.config),
-        bucket,
+        plan,
         job.dry_run,
     );
     let mut counts = BucketCounts::default();
@@ -257,8 +285,14 @@ fn sync_one(job: &Job, bucket: &BucketSpec, bar: &BucketProgress) -> BucketResul
             .map(|e| format!(": {e}"))
             .unwrap_or_default();
         result.error = Some(format!("{reason}{detail}"));
+        if counts.max_delete_reached {
+            result.error = Some(format!(
+                "delete-storm breaker: this run may delete at most {} replica object(s) (guards.max_delete_percent); rclone stopped deleting after that. Check why so many objects vanished from the source",
+                plan.max_delete.unwrap_or(0)
+            ));
+        }
     }
-    result
+    (result, counts)
 }
 
 /// Pass rclone's own diagnostics through to stderr, prefixed with the bucket: errors and
@@ -295,7 +329,7 @@ fn source_sizes(job: &Job, bucket: &str, objects: &[String]) -> anyhow::Result<u
     let mut text = objects.join("\n");
     text.push('\n');
     std::fs::write(&list, text)?;
-    let mut args = job.rclone.global_args(job.config);
+    let mut args = job.rclone.meta_args(job.config);
     args.extend(
         [
             "lsjson",

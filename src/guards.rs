@@ -1,0 +1,941 @@
+//! The safety guards (policy.md `guards`, product.md "Layout of the secondary"): what stands
+//! between a bare `rclone sync` and the loss of the only off-site copy.
+//!
+//! - **Key canary** `.offsite/canary`: read back through crypt before any write. rclone 1.60
+//!   gives no error for a wrong key (it lists nothing and re-uploads everything), so a root that
+//!   is non-empty at the raw level but whose canary does not decrypt is refused (exit 4) before
+//!   a single object is written — the lease and the canary are written only after it passed.
+//! - **Empty-source breaker**: a source bucket that lists nothing while its replica holds
+//!   objects is refused (exit 4) unless `--allow-empty-source`.
+//! - **Delete-storm breaker**: at most `max_delete_percent` of the replica's objects per bucket
+//!   and run, passed to rclone as `--max-delete` (moves into the backup dir count too). The
+//!   replica count comes from `.offsite/state.json`, so it costs no listing when state exists.
+//! - **Kept deletions**: `--backup-dir offsite:deleted/<run-id>/<bucket>`; [`prune`] removes
+//!   generations older than `keep_deleted_days`.
+//! - **Run lock**: a local `flock` (one host) plus a lease object `.offsite/lock` with a TTL
+//!   (hosts sharing the secondary). See docs/guards.md for the semantics and the provider
+//!   assumptions.
+//!
+//! Round trips are what a no-change run pays for the guards, so they are batched: one
+//! `rclone copy` fetches canary, state and lease; the per-bucket source probes run in parallel
+//! with it; one `rclone copy` at the end writes the state and releases the lease.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::exit::{fail, Code};
+use crate::policy::{BucketSpec, Policy};
+use crate::rclone::{FirstLine, Rclone};
+use crate::render::{crypt_root, PrivateConfig};
+use crate::report::{rfc3339, unix, BucketResult};
+
+/// The canary's plaintext. Authenticated encryption means a wrong password, salt or name
+/// encoding cannot produce it: the object is either not found (names encrypt differently) or
+/// fails to decrypt.
+pub const CANARY: &[u8] =
+    b"offsite key canary v1\nThis object proves the crypt key of this root. Do not delete it.\n";
+
+/// Default lease lifetime. A crashed run blocks others at most this long; a live run renews its
+/// lease every third of it. `OFFSITE_LOCK_TTL_SECONDS` overrides it (tests, operations).
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// At most this many changed-object paths are kept per bucket in state.json; beyond it
+/// `changed_truncated` is set and verify's `changed` mode checks the whole bucket instead.
+const MAX_CHANGED: usize = 100_000;
+
+pub fn lock_ttl() -> Duration {
+    std::env::var("OFFSITE_LOCK_TTL_SECONDS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_LOCK_TTL)
+}
+
+/// One guard decision, as in the JSON document's `guards[]`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Decision {
+    pub guard: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    pub result: &'static str,
+    pub detail: String,
+}
+
+impl Decision {
+    fn new(
+        guard: &'static str,
+        bucket: Option<&str>,
+        result: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Decision {
+            guard,
+            bucket: bucket.map(String::from),
+            result,
+            detail: detail.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State and lease documents (stored encrypted under .offsite/)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub policy: String,
+    pub run_id: String,
+    pub updated: String,
+    #[serde(default)]
+    pub buckets: BTreeMap<String, BucketState>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BucketState {
+    /// Objects in the replica after the last sync (`data/<bucket>`).
+    pub replica_objects: u64,
+    pub last_run_id: String,
+    pub last_sync: String,
+    /// Objects the last sync copied (verify's `changed` mode).
+    #[serde(default)]
+    pub changed_objects: Vec<String>,
+    #[serde(default)]
+    pub changed_truncated: bool,
+    #[serde(default)]
+    pub deleted_objects: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Lease {
+    pub owner: String,
+    pub run_id: String,
+    pub since: String,
+    pub since_unix: u64,
+    pub expires_unix: u64,
+    #[serde(default)]
+    pub released: bool,
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Local lock
+// ---------------------------------------------------------------------------------------------
+
+/// An exclusive `flock` on `$TMPDIR/offsite-<name>.lock`, released by the kernel when the
+/// process ends however it ends.
+pub struct LocalLock {
+    _lock: nix::fcntl::Flock<File>,
+    path: PathBuf,
+}
+
+impl LocalLock {
+    pub fn acquire(lock_name: &str, run_id: &str) -> anyhow::Result<LocalLock> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!("offsite-{lock_name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening lock file {}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                lock.set_len(0)?;
+                let _ = writeln!(
+                    *lock,
+                    "pid {} run {run_id} since {}",
+                    std::process::id(),
+                    rfc3339(SystemTime::now())
+                );
+                Ok(LocalLock { _lock: lock, path })
+            }
+            Err((_, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                Err(fail(
+                    Code::Locked,
+                    format!(
+                        "another offsite run of policy {lock_name} holds the local lock {} ({}); try again when it ends",
+                        path.display(),
+                        holder.trim()
+                    ),
+                ))
+            }
+            Err((_, errno)) => Err(anyhow::anyhow!("locking {}: {errno}", path.display())),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The guarded run
+// ---------------------------------------------------------------------------------------------
+
+/// What the guards decided for one bucket before its sync.
+pub struct BucketPlan {
+    pub spec: BucketSpec,
+    /// Set when the bucket must not be synced: its result, already decided.
+    pub skip: Option<BucketResult>,
+    pub max_delete: Option<u64>,
+    pub backup_dir: Option<String>,
+}
+
+pub struct Options {
+    pub dry_run: bool,
+    pub allow_empty_source: bool,
+    /// Lease and lock name suffix (a shard), empty for the whole policy.
+    pub lock_suffix: String,
+}
+
+/// Guards that hold for the whole run: the lease (renewed in the background) and what was read
+/// from `.offsite/`. [`Guarded::finish`] writes state and releases the lease; dropping it
+/// without finishing releases the lease best-effort (errors, signals).
+pub struct Guarded<'a> {
+    rclone: &'a Rclone,
+    config: &'a PrivateConfig,
+    policy: &'a Policy,
+    run_id: String,
+    lease_name: String,
+    lease_held: bool,
+    heartbeat: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    pub state: State,
+    pub decisions: Vec<Decision>,
+    /// Replica counts taken by listing this run (state.json did not know them).
+    counted: BTreeMap<String, u64>,
+    _local: LocalLock,
+}
+
+fn args(rclone: &Rclone, config: &Path, rest: &[&str]) -> Vec<OsString> {
+    let mut a = rclone.meta_args(config);
+    a.extend(rest.iter().map(OsString::from));
+    a
+}
+
+fn storage_error(what: &str, stderr: &[u8]) -> anyhow::Error {
+    fail(
+        Code::Failed,
+        format!("{what}: {}", crate::sync::last_line(stderr)),
+    )
+}
+
+/// What `rclone copy offsite:.offsite` brought down.
+struct Fetched {
+    canary: Option<Vec<u8>>,
+    state: Option<State>,
+    lease: Option<Lease>,
+}
+
+fn fetch(
+    rclone: &Rclone,
+    config: &PrivateConfig,
+    config_policy: &Policy,
+    lease_name: &str,
+) -> anyhow::Result<Fetched> {
+    let down = config.scratch().join("remote-in");
+    std::fs::create_dir_all(&down)?;
+    let lease_filter = format!("/{lease_name}");
+    let out = rclone.output(
+        &args(
+            rclone,
+            config.path(),
+            &[
+                "copy",
+                "offsite:.offsite",
+                down.to_str().context("temp path is not UTF-8")?,
+                "--max-depth",
+                "1",
+                "--include",
+                "/canary",
+                "--include",
+                "/state.json",
+                "--include",
+                &lease_filter,
+            ],
+        ),
+        None,
+    )?;
+    // Exit 3: `.offsite` does not exist under this key (first run, or a wrong key).
+    if !out.status.success() && out.status.code() != Some(3) {
+        return Err(storage_error(
+            &format!(
+                "destination unreachable: reading .offsite/ under the crypt root {} failed",
+                crypt_root(config_policy)
+            ),
+            &out.stderr,
+        ));
+    }
+    let read = |name: &str| std::fs::read(down.join(name)).ok();
+    let state = match read("state.json") {
+        Some(b) => Some(serde_json::from_slice(&b).context(".offsite/state.json is not valid")?),
+        None => None,
+    };
+    let lease = read(lease_name).and_then(|b| serde_json::from_slice(&b).ok());
+    Ok(Fetched {
+        canary: read("canary"),
+        state,
+        lease,
+    })
+}
+
+/// Is there anything at `path`? (`lsf --max-depth 1`, first line only.) `None` when the path
+/// does not exist (rclone exit 3).
+fn probe(rclone: &Rclone, config: &Path, path: &str) -> anyhow::Result<Option<bool>> {
+    match rclone.first_line(&args(rclone, config, &["lsf", "--max-depth", "1", path]))? {
+        FirstLine::Line => Ok(Some(true)),
+        FirstLine::Empty => Ok(Some(false)),
+        FirstLine::Failed { code: Some(3), .. } => Ok(None),
+        FirstLine::Failed { stderr, .. } => Err(storage_error(
+            &format!("listing {path} failed"),
+            stderr.as_bytes(),
+        )),
+    }
+}
+
+/// Count the objects of a replica (`rclone size`), when state.json does not know it.
+fn count_replica(rclone: &Rclone, config: &Path, bucket: &str) -> anyhow::Result<u64> {
+    let path = crate::sync::replica_path(bucket);
+    let out = rclone.output(&args(rclone, config, &["size", "--json", &path]), None)?;
+    if out.status.code() == Some(3) {
+        return Ok(0);
+    }
+    if !out.status.success() {
+        return Err(storage_error(
+            &format!("counting {path} failed"),
+            &out.stderr,
+        ));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("parsing rclone size output")?;
+    Ok(v["count"].as_u64().unwrap_or(0))
+}
+
+impl<'a> Guarded<'a> {
+    /// Take the locks and run the guards that come before any write. Errors: exit 8 (lock),
+    /// exit 4 (canary), exit 5 (storage).
+    pub fn begin(
+        policy: &'a Policy,
+        rclone: &'a Rclone,
+        config: &'a PrivateConfig,
+        run_id: &str,
+        buckets: &[BucketSpec],
+        opts: &Options,
+    ) -> anyhow::Result<(Guarded<'a>, Vec<BucketPlan>)> {
+        let lock_name = format!("{}{}", policy.name, opts.lock_suffix);
+        let local = LocalLock::acquire(&lock_name, run_id)?;
+        let lease_name = format!("lock{}", opts.lock_suffix);
+        let g = &policy.guards;
+        let cfg = config.path();
+
+        // Phase 1, in parallel: .offsite/ (canary, state, lease) and, per bucket, whether the
+        // source lists anything.
+        let (fetched, source_probes) = std::thread::scope(|s| {
+            let f = s.spawn(|| fetch(rclone, config, policy, &lease_name));
+            let probes: Vec<_> = buckets
+                .iter()
+                .map(|b| {
+                    s.spawn(move || {
+                        if g.refuse_empty_source {
+                            probe(rclone, cfg, &format!("source:{}", b.name)).map(Some)
+                        } else {
+                            Ok(None)
+                        }
+                    })
+                })
+                .collect();
+            let f = f
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("state fetch panicked")));
+            let p: Vec<anyhow::Result<Option<Option<bool>>>> = probes
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("probe panicked")))
+                })
+                .collect();
+            (f, p)
+        });
+        let fetched = fetched?;
+        let mut decisions = Vec::new();
+
+        // Key canary: before anything is written.
+        let mut write_canary = false;
+        if g.key_canary {
+            match &fetched.canary {
+                Some(c) if c == CANARY => decisions.push(Decision::new(
+                    "key_canary",
+                    None,
+                    "pass",
+                    "the canary decrypts with this key",
+                )),
+                Some(_) => {
+                    return Err(fail(Code::GuardRefused, "key canary: .offsite/canary decrypts but its content is wrong; the crypt root may belong to another tool. Nothing was written. Check encryption settings, or move the canary away only if you are sure this is the right key"));
+                }
+                None => {
+                    let root = crypt_root(policy);
+                    match probe(rclone, cfg, &root)? {
+                        None | Some(false) => {
+                            write_canary = true;
+                            decisions.push(Decision::new(
+                                "key_canary",
+                                None,
+                                "created",
+                                "empty crypt root: the canary is written with this key",
+                            ));
+                        }
+                        Some(true) => {
+                            // Non-empty at the raw level. If this key decrypts the names that
+                            // are there (an existing replica made by plain rclone), adopt it.
+                            match probe(rclone, cfg, "offsite:")? {
+                                Some(true) => {
+                                    write_canary = true;
+                                    decisions.push(Decision::new(
+                                        "key_canary",
+                                        None,
+                                        "created",
+                                        "existing replica decrypts with this key: canary added",
+                                    ));
+                                }
+                                _ => {
+                                    return Err(fail(Code::GuardRefused, format!(
+                                        "key canary: the crypt root {root} holds objects but none decrypts with this key (wrong encryption.password, encryption.salt or filename_encoding?). Nothing was written. Restore the original secrets; never sync with a new key into the same root"
+                                    )));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+            decisions.push(Decision::new(
+                "key_canary",
+                None,
+                "disabled",
+                "guards.key_canary is false (C011)",
+            ));
+        }
+
+        // Remote lease.
+        let ttl = lock_ttl();
+        let now = unix(SystemTime::now());
+        if let Some(l) = &fetched.lease {
+            if !l.released && l.expires_unix > now && l.run_id != run_id {
+                return Err(fail(Code::Locked, format!(
+                    "another offsite run holds the lock of policy {}: {} (run {}) since {}, lease valid for {} more s",
+                    policy.name, l.owner, l.run_id, l.since, l.expires_unix - now
+                )));
+            }
+        }
+        let mut guarded = Guarded {
+            rclone,
+            config,
+            policy,
+            run_id: run_id.to_string(),
+            lease_name,
+            lease_held: false,
+            heartbeat: None,
+            state: fetched.state.clone().unwrap_or_else(|| State {
+                version: 1,
+                policy: policy.name.0.clone(),
+                ..Default::default()
+            }),
+            decisions,
+            counted: BTreeMap::new(),
+            _local: local,
+        };
+        if !opts.dry_run {
+            guarded.write_lease(ttl)?;
+            guarded.lease_held = true;
+            guarded.start_heartbeat(ttl);
+            guarded.decisions.push(Decision::new(
+                "lock",
+                None,
+                "acquired",
+                format!(
+                    "local {} and lease .offsite/{} (ttl {} s)",
+                    guarded._local.path().display(),
+                    guarded.lease_name,
+                    ttl.as_secs()
+                ),
+            ));
+            if write_canary {
+                let out = rclone.output(
+                    &args(rclone, cfg, &["rcat", "offsite:.offsite/canary"]),
+                    Some(CANARY),
+                )?;
+                if !out.status.success() {
+                    return Err(storage_error("writing the key canary failed", &out.stderr));
+                }
+            }
+        }
+
+        // Per-bucket guards.
+        let mut plans = Vec::new();
+        for (b, p) in buckets.iter().zip(source_probes) {
+            let name = b.name.0.as_str();
+            let mut plan = BucketPlan {
+                spec: b.clone(),
+                skip: None,
+                max_delete: None,
+                backup_dir: (g.keep_deleted_days.0 > 0)
+                    .then(|| format!("offsite:deleted/{run_id}/{name}")),
+            };
+            let known = guarded.state.buckets.get(name).map(|s| s.replica_objects);
+            let source_empty = match p {
+                Ok(Some(Some(has))) => !has,
+                Ok(Some(None)) => {
+                    // Missing source bucket: an error for this bucket, never "empty".
+                    plan.skip = Some(BucketResult {
+                        name: name.to_string(),
+                        status: Code::Failed.status(),
+                        error: Some(format!("source bucket {name} not found")),
+                        code: Some(Code::Failed),
+                        ..Default::default()
+                    });
+                    plans.push(plan);
+                    continue;
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    plan.skip = Some(BucketResult {
+                        name: name.to_string(),
+                        status: Code::Failed.status(),
+                        error: Some(format!("{e:#}")),
+                        code: Some(crate::exit::code_of(&e)),
+                        ..Default::default()
+                    });
+                    plans.push(plan);
+                    continue;
+                }
+            };
+            if source_empty {
+                let replica_has = match known {
+                    Some(n) => n > 0,
+                    None => probe(rclone, cfg, &crate::sync::replica_path(name))?.unwrap_or(false),
+                };
+                if replica_has && !opts.allow_empty_source {
+                    let detail = format!(
+                        "source bucket {name} is empty but its replica holds {} objects; nothing was deleted. If the source really was emptied on purpose, re-run with --allow-empty-source (deletions are kept in deleted/ for {} days)",
+                        known.map(|n| n.to_string()).unwrap_or_else(|| "some".into()),
+                        g.keep_deleted_days.0
+                    );
+                    guarded.decisions.push(Decision::new(
+                        "refuse_empty_source",
+                        Some(name),
+                        "refused",
+                        detail.clone(),
+                    ));
+                    plan.skip = Some(BucketResult {
+                        name: name.to_string(),
+                        status: Code::GuardRefused.status(),
+                        error: Some(detail),
+                        code: Some(Code::GuardRefused),
+                        ..Default::default()
+                    });
+                    plans.push(plan);
+                    continue;
+                }
+                if replica_has {
+                    guarded.decisions.push(Decision::new(
+                        "refuse_empty_source",
+                        Some(name),
+                        "overridden",
+                        "--allow-empty-source: the replica follows the empty source",
+                    ));
+                    // The breaker would refuse what the admin just allowed.
+                    plans.push(plan);
+                    continue;
+                }
+            }
+            if g.max_delete_percent.0 < 100 {
+                let count = match known {
+                    Some(n) => n,
+                    None => {
+                        let n = count_replica(rclone, cfg, name)?;
+                        guarded.counted.insert(name.to_string(), n);
+                        n
+                    }
+                };
+                if count > 0 {
+                    // At least one: otherwise a small bucket could never lose an object. The
+                    // empty-source breaker covers the wholesale case.
+                    let limit = (count * u64::from(g.max_delete_percent.0) / 100).max(1);
+                    plan.max_delete = Some(limit);
+                }
+            }
+            plans.push(plan);
+        }
+        Ok((guarded, plans))
+    }
+
+    fn lease_doc(&self, ttl: Duration, released: bool) -> Lease {
+        let now = SystemTime::now();
+        Lease {
+            owner: format!("{}:{}", host(), std::process::id()),
+            run_id: self.run_id.clone(),
+            since: rfc3339(now),
+            since_unix: unix(now),
+            expires_unix: unix(now) + ttl.as_secs(),
+            released,
+        }
+    }
+
+    fn write_lease(&self, ttl: Duration) -> anyhow::Result<()> {
+        let doc = serde_json::to_vec(&self.lease_doc(ttl, false))?;
+        let target = format!("offsite:.offsite/{}", self.lease_name);
+        let out = self.rclone.output(
+            &args(self.rclone, self.config.path(), &["rcat", &target]),
+            Some(&doc),
+        )?;
+        if !out.status.success() {
+            return Err(storage_error("writing the lock lease failed", &out.stderr));
+        }
+        Ok(())
+    }
+
+    fn start_heartbeat(&mut self, ttl: Duration) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let rclone = self.rclone.clone();
+        let a = args(
+            self.rclone,
+            self.config.path(),
+            &["rcat", &format!("offsite:.offsite/{}", self.lease_name)],
+        );
+        let owner = self.lease_doc(ttl, false);
+        let h = std::thread::spawn(move || {
+            let every = ttl / 3;
+            let mut waited = Duration::ZERO;
+            while !s2.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+                waited += Duration::from_millis(200);
+                if waited >= every {
+                    waited = Duration::ZERO;
+                    let now = unix(SystemTime::now());
+                    let doc = Lease {
+                        expires_unix: now + ttl.as_secs(),
+                        ..owner.clone()
+                    };
+                    if let Ok(b) = serde_json::to_vec(&doc) {
+                        let _ = rclone.output(&a, Some(&b));
+                    }
+                }
+            }
+        });
+        self.heartbeat = Some((stop, h));
+    }
+
+    fn stop_heartbeat(&mut self) {
+        if let Some((stop, h)) = self.heartbeat.take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = h.join();
+        }
+    }
+
+    /// Record the results in state.json and release the lease, in one `rclone copy`.
+    pub fn finish(
+        mut self,
+        results: &[(BucketResult, Option<crate::events::BucketCounts>)],
+    ) -> anyhow::Result<()> {
+        self.stop_heartbeat();
+        if !self.lease_held {
+            return Ok(());
+        }
+        let now = SystemTime::now();
+        for (r, counts) in results {
+            let Some(c) = counts else { continue };
+            if r.code
+                .is_some_and(|c| c == Code::Failed || c == Code::Internal)
+                && c.copied == 0
+                && c.deleted == 0
+            {
+                continue;
+            }
+            let before = self
+                .state
+                .buckets
+                .get(&r.name)
+                .map(|b| b.replica_objects)
+                .or_else(|| self.counted.get(&r.name).copied());
+            let replica = match before {
+                Some(n) => (n + c.copied).saturating_sub(c.replaced + c.deleted),
+                // Nothing known (first run with the breaker off): count once.
+                None => count_replica(self.rclone, self.config.path(), &r.name)?,
+            };
+            let mut changed = c.changed_objects.clone();
+            let truncated = changed.len() > MAX_CHANGED;
+            changed.truncate(MAX_CHANGED);
+            self.state.buckets.insert(
+                r.name.clone(),
+                BucketState {
+                    replica_objects: replica,
+                    last_run_id: self.run_id.clone(),
+                    last_sync: rfc3339(now),
+                    changed_objects: changed,
+                    changed_truncated: truncated,
+                    deleted_objects: c
+                        .deleted_objects
+                        .iter()
+                        .take(MAX_CHANGED)
+                        .cloned()
+                        .collect(),
+                },
+            );
+        }
+        self.state.version = 1;
+        self.state.policy = self.policy.name.0.clone();
+        self.state.run_id = self.run_id.clone();
+        self.state.updated = rfc3339(now);
+        let up = self.config.scratch().join("remote-out");
+        std::fs::create_dir_all(&up)?;
+        std::fs::write(
+            up.join("state.json"),
+            serde_json::to_vec_pretty(&self.state)?,
+        )?;
+        std::fs::write(
+            up.join(&self.lease_name),
+            serde_json::to_vec(&self.lease_doc(Duration::ZERO, true))?,
+        )?;
+        let out = self.rclone.output(
+            &args(
+                self.rclone,
+                self.config.path(),
+                &[
+                    "copy",
+                    "--ignore-times",
+                    up.to_str().context("temp path")?,
+                    "offsite:.offsite",
+                ],
+            ),
+            None,
+        )?;
+        if !out.status.success() {
+            return Err(storage_error(
+                "writing .offsite/state.json failed",
+                &out.stderr,
+            ));
+        }
+        self.lease_held = false;
+        Ok(())
+    }
+}
+
+impl Drop for Guarded<'_> {
+    fn drop(&mut self) {
+        self.stop_heartbeat();
+        if self.lease_held {
+            // Best effort after an error or a signal: release the lease so the next run need
+            // not wait for the TTL. Bounded in time; runs even with a signal pending.
+            if let Ok(doc) = serde_json::to_vec(&self.lease_doc(Duration::ZERO, true)) {
+                let target = format!("offsite:.offsite/{}", self.lease_name);
+                let _ = self.rclone.output_cleanup(
+                    &args(self.rclone, self.config.path(), &["rcat", &target]),
+                    Some(&doc),
+                );
+            }
+        }
+    }
+}
+
+/// Guard decisions as JSON values for the document.
+pub fn decisions_json(d: &[Decision]) -> Vec<Value> {
+    d.iter()
+        .map(|x| serde_json::to_value(x).unwrap_or(Value::Null))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kept deletions
+// ---------------------------------------------------------------------------------------------
+
+/// One generation under `deleted/`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Generation {
+    pub run_id: String,
+    pub objects: u64,
+    pub bytes: u64,
+    pub buckets: BTreeMap<String, u64>,
+    /// Age in days from the run id's timestamp, when it parses.
+    pub age_days: Option<f64>,
+}
+
+/// Parse the UTC time of a run id `YYYYMMDDTHHMMSSZ-xxxx`.
+pub fn run_id_time(id: &str) -> Option<u64> {
+    let b = id.as_bytes();
+    if b.len() < 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| id.get(r)?.parse::<i64>().ok();
+    let (y, mo, d, h, mi, s) = (
+        n(0..4)?,
+        n(4..6)?,
+        n(6..8)?,
+        n(9..11)?,
+        n(11..13)?,
+        n(13..15)?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    // days_from_civil (Howard Hinnant).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + mi * 60 + s).ok()
+}
+
+/// List the generations under `deleted/` (one listing).
+pub fn generations(rclone: &Rclone, config: &Path) -> anyhow::Result<Vec<Generation>> {
+    let out = rclone.output(
+        &args(
+            rclone,
+            config,
+            &[
+                "lsjson",
+                "-R",
+                "--files-only",
+                "--no-mimetype",
+                "offsite:deleted",
+            ],
+        ),
+        None,
+    )?;
+    if out.status.code() == Some(3) {
+        return Ok(vec![]);
+    }
+    if !out.status.success() {
+        return Err(storage_error("listing deleted/ failed", &out.stderr));
+    }
+    #[derive(Deserialize)]
+    struct E {
+        #[serde(rename = "Path")]
+        path: String,
+        #[serde(rename = "Size")]
+        size: i64,
+    }
+    let entries: Vec<E> = serde_json::from_slice(&out.stdout).context("parsing rclone lsjson")?;
+    let now = unix(SystemTime::now());
+    let mut map: BTreeMap<String, Generation> = BTreeMap::new();
+    for e in entries {
+        let mut parts = e.path.splitn(3, '/');
+        let (Some(id), Some(bucket)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let g = map.entry(id.to_string()).or_insert_with(|| Generation {
+            run_id: id.to_string(),
+            objects: 0,
+            bytes: 0,
+            buckets: BTreeMap::new(),
+            age_days: run_id_time(id).map(|t| now.saturating_sub(t) as f64 / 86_400.0),
+        });
+        g.objects += 1;
+        g.bytes += e.size.max(0) as u64;
+        *g.buckets.entry(bucket.to_string()).or_default() += 1;
+    }
+    Ok(map.into_values().collect())
+}
+
+/// Remove generations older than `keep_days`. Generations whose id does not parse are kept
+/// (never delete what we cannot date). Returns the pruned ids.
+pub fn prune(
+    rclone: &Rclone,
+    config: &Path,
+    keep_days: u32,
+    dry_run: bool,
+) -> anyhow::Result<(Vec<String>, Vec<Decision>)> {
+    let mut pruned = Vec::new();
+    let mut decisions = Vec::new();
+    for g in generations(rclone, config)? {
+        let Some(age) = g.age_days else {
+            decisions.push(Decision::new(
+                "keep_deleted",
+                None,
+                "kept",
+                format!("deleted/{}: name is not a run id, kept", g.run_id),
+            ));
+            continue;
+        };
+        if age <= f64::from(keep_days) {
+            continue;
+        }
+        if !dry_run {
+            let out = rclone.output(
+                &args(
+                    rclone,
+                    config,
+                    &["purge", &format!("offsite:deleted/{}", g.run_id)],
+                ),
+                None,
+            )?;
+            if !out.status.success() {
+                return Err(storage_error(
+                    &format!("pruning deleted/{} failed", g.run_id),
+                    &out.stderr,
+                ));
+            }
+        }
+        decisions.push(Decision::new(
+            "keep_deleted",
+            None,
+            "pruned",
+            format!(
+                "deleted/{}: {} object(s), {:.1} days old > keep_deleted_days {}",
+                g.run_id, g.objects, age, keep_days
+            ),
+        ));
+        pruned.push(g.run_id);
+    }
+    Ok((pruned, decisions))
+}
+
+/// `json!` helper for generations.
+pub fn generations_json(g: &[Generation]) -> Value {
+    json!(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_parse_to_unix_time() {
+        assert_eq!(run_id_time("19700101T000000Z-0000"), Some(0));
+        assert_eq!(run_id_time("20261203T051500Z-4f2a"), Some(1_796_274_900));
+        assert_eq!(run_id_time("20000229T000000Z-abcd"), Some(951_782_400));
+        assert_eq!(run_id_time("not-a-run-id"), None);
+        assert_eq!(run_id_time("20261303T051500Z-4f2a"), None);
+    }
+
+    #[test]
+    fn run_ids_round_trip_with_report() {
+        let t = SystemTime::now();
+        let id = crate::report::run_id(t);
+        assert_eq!(run_id_time(&id), Some(unix(t)));
+    }
+}
