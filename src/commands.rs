@@ -245,9 +245,27 @@ pub fn doctor(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
             }
         }),
     });
+    if out.status.success() {
+        let (ok, detail) = guards::canary_status(&rclone, config.path(), &policy)?;
+        probes.push(Probe {
+            check: "key canary",
+            ok,
+            detail,
+            advice: (!ok).then(|| {
+                "restore the original encryption secrets; never sync with a new key into this root".to_string()
+            }),
+        });
+    }
     drop(config);
     let ok = probes.iter().all(|p| p.ok);
-    let code = if ok { Code::Ok } else { Code::Failed };
+    let canary_refused = probes.iter().any(|p| p.check == "key canary" && !p.ok);
+    let code = if ok {
+        Code::Ok
+    } else if canary_refused {
+        Code::GuardRefused
+    } else {
+        Code::Failed
+    };
     for p in &probes {
         ctx.say(format!(
             "{} {}: {}",

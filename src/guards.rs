@@ -315,6 +315,37 @@ fn probe(rclone: &Rclone, config: &Path, path: &str) -> anyhow::Result<Option<bo
     }
 }
 
+/// The key canary, read-only (for `doctor`): `(ok, what was found)`.
+pub fn canary_status(
+    rclone: &Rclone,
+    config: &Path,
+    policy: &Policy,
+) -> anyhow::Result<(bool, String)> {
+    let out = rclone.output(
+        &args(rclone, config, &["cat", "offsite:.offsite/canary"]),
+        None,
+    )?;
+    // `rclone cat` of a missing object prints nothing and exits 0: empty output is "absent".
+    if out.status.success() && !out.stdout.is_empty() {
+        return Ok(if out.stdout == CANARY {
+            (true, "decrypts with this key".into())
+        } else {
+            (
+                false,
+                "decrypts but its content is wrong: the root may belong to another tool".into(),
+            )
+        });
+    }
+    let root = crypt_root(policy);
+    Ok(match probe(rclone, config, &root)? {
+        None | Some(false) => (true, format!("none yet: {root} is empty, the first sync writes it")),
+        Some(true) => match probe(rclone, config, "offsite:")? {
+            Some(true) => (true, "none yet, but the existing replica decrypts with this key: the next sync adds it".into()),
+            _ => (false, format!("{root} holds objects but none decrypts with this key: wrong encryption.password, encryption.salt or filename_encoding")),
+        },
+    })
+}
+
 /// Count the objects of a replica (`rclone size`), when state.json does not know it.
 fn count_replica(rclone: &Rclone, config: &Path, bucket: &str) -> anyhow::Result<u64> {
     let path = crate::sync::replica_path(bucket);

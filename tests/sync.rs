@@ -668,6 +668,31 @@ fn doctor_checks_both_sides() {
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     let doc = o.json();
     assert!(doc["rclone"]["sha256"].as_str().unwrap().len() == 64);
+    let canary = |doc: &Value| {
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "key canary")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(canary(&doc)["ok"], true);
+    assert!(canary(&doc)["detail"]
+        .as_str()
+        .unwrap()
+        .contains("none yet"));
+    // After a sync the canary is there; with another password doctor says the key is wrong.
+    put(&format!("primary:{}/a.txt", s.b.sources[0]), b"a");
+    assert_eq!(run(&s.policy, s.tmp.path(), &["sync"]).code, 0);
+    let o = run(&s.policy, s.tmp.path(), &["doctor", "--output", "json"]);
+    assert_eq!(canary(&o.json())["detail"], "decrypts with this key");
+    let good = std::fs::read_to_string(s.dir.path().join(PASSWORD_FILE)).unwrap();
+    write_secret(s.dir.path(), PASSWORD_FILE, &random_secret(40));
+    let o = run(&s.policy, s.tmp.path(), &["doctor", "--output", "json"]);
+    assert_eq!(o.code, 4, "{}", o.stdout);
+    assert_eq!(canary(&o.json())["ok"], false);
+    write_secret(s.dir.path(), PASSWORD_FILE, &good);
     // A missing destination bucket is named, with advice; exit 5.
     let text = std::fs::read_to_string(&s.policy)
         .unwrap()
