@@ -76,6 +76,8 @@ pub enum Command {
     /// Kept deletions (deleted/<run-id>/<bucket>/ under the crypt root)
     #[command(subcommand)]
     Deleted(DeletedCommand),
+    /// Decrypt data/<bucket> (or a kept generation) into a directory or a bucket, then check it
+    Restore(crate::restore::RestoreArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -108,6 +110,7 @@ impl Command {
             Command::Sync(_) => "sync",
             Command::Run(_) => "run",
             Command::Deleted(_) => "deleted",
+            Command::Restore(_) => "restore",
         }
     }
 }
@@ -213,6 +216,7 @@ fn run(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
         Command::Sync(a) => crate::commands::sync(cli, ctx, a),
         Command::Run(a) => crate::commands::run(cli, ctx, a),
         Command::Deleted(DeletedCommand::List) => crate::commands::deleted_list(cli, ctx),
+        Command::Restore(a) => crate::restore::command(cli, ctx, a),
     }
 }
 

@@ -19,7 +19,7 @@ use crate::sync::{self, Job};
 
 /// Load the policy and refuse to go on if compliance found an error (exit 3). Warnings are
 /// printed to stderr and the command continues.
-fn load_compliant(cli: &Cli, ctx: &Ctx) -> anyhow::Result<(Policy, Vec<Finding>)> {
+pub fn load_compliant(cli: &Cli, ctx: &Ctx) -> anyhow::Result<(Policy, Vec<Finding>)> {
     let (policy, findings) = load_checked(cli)?;
     for f in &findings {
         if !ctx.quiet || f.severity == Severity::Error {

@@ -12,6 +12,7 @@ mod progress;
 mod rclone;
 mod render;
 mod report;
+mod restore;
 mod signals;
 mod sync;
 
