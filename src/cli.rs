@@ -78,6 +78,24 @@ pub enum Command {
     Deleted(DeletedCommand),
     /// Decrypt data/<bucket> (or a kept generation) into a directory or a bucket, then check it
     Restore(crate::restore::RestoreArgs),
+    /// Check the replica against the source (cryptcheck, and download where it cannot hash)
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// Only this bucket (repeatable)
+    #[arg(long = "bucket", value_name = "B")]
+    pub buckets: Vec<String>,
+    /// What to check [default: verify.after_sync of the policy, full when that is none]
+    #[arg(long, value_enum)]
+    pub mode: Option<crate::verify::Mode>,
+    /// Seed for sample mode (the JSON output reports the one used, to repeat a run)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How many differing/missing object names to report per bucket
+    #[arg(long, default_value_t = 10)]
+    pub show: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -111,6 +129,7 @@ impl Command {
             Command::Run(_) => "run",
             Command::Deleted(_) => "deleted",
             Command::Restore(_) => "restore",
+            Command::Verify(_) => "verify",
         }
     }
 }
@@ -217,6 +236,7 @@ fn run(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
         Command::Run(a) => crate::commands::run(cli, ctx, a),
         Command::Deleted(DeletedCommand::List) => crate::commands::deleted_list(cli, ctx),
         Command::Restore(a) => crate::restore::command(cli, ctx, a),
+        Command::Verify(a) => crate::commands::verify_cmd(cli, ctx, a),
     }
 }
 

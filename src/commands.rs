@@ -16,6 +16,7 @@ use crate::rclone::{display_argv, Rclone};
 use crate::render::{self, PrivateConfig, Secrets};
 use crate::report::{self, Document};
 use crate::sync::{self, Job};
+use crate::verify;
 
 /// Load the policy and refuse to go on if compliance found an error (exit 3). Warnings are
 /// printed to stderr and the command continues.
@@ -360,6 +361,54 @@ fn replicate(
         }
     }
     guarded.finish(&outcomes)?;
+    // run: verify what this run synced (verify.after_sync), before pruning.
+    let mut verified: std::collections::BTreeMap<String, Value> = Default::default();
+    let mut verify_codes = Vec::new();
+    let after = policy.verify.after_sync;
+    if prune && !args.dry_run && after != crate::policy::VerifyMode::None {
+        let mode = match after {
+            crate::policy::VerifyMode::Sample => verify::Mode::Sample,
+            crate::policy::VerifyMode::Full => verify::Mode::Full,
+            _ => verify::Mode::Changed,
+        };
+        let synced: Vec<crate::policy::BucketSpec> = plans
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, (r, c))| c.is_some() && r.code() == Code::Ok)
+            .map(|(p, _)| p.spec.clone())
+            .collect();
+        let changed_of = |b: &str| -> Option<Vec<String>> {
+            outcomes
+                .iter()
+                .find(|(r, _)| r.name == b)
+                .and_then(|(_, c)| c.as_ref())
+                .map(|c| c.changed_objects.clone())
+        };
+        let seed = verify::random_seed();
+        let settings = verify::Settings {
+            mode,
+            seed,
+            show: 10,
+        };
+        for (name, r) in verify_buckets(&policy, &rclone, &config, &synced, &settings, &changed_of)
+        {
+            match r {
+                Ok(v) => {
+                    verify_codes.push(if v.ok() { Code::Ok } else { Code::VerifyFailed });
+                    if !ctx.json && !ctx.quiet {
+                        print_verify(ctx, &name, &v);
+                    }
+                    verified.insert(name, serde_json::to_value(&v).unwrap_or(Value::Null));
+                }
+                Err(e) => {
+                    verify_codes.push(crate::exit::code_of(&e));
+                    eprintln!("offsite {command}: verify {name}: {e:#}");
+                    verified.insert(name, json!({"error": format!("{e:#}")}));
+                }
+            }
+        }
+        crate::signals::check()?;
+    }
     let mut pruned = Vec::new();
     if prune && policy.guards.keep_deleted_days.0 > 0 {
         let (ids, d) = guards::prune(
@@ -373,7 +422,7 @@ fn replicate(
     }
     drop(config);
     let results: Vec<_> = outcomes.into_iter().map(|(r, _)| r).collect();
-    let code = report::overall(results.iter().map(|r| r.code()));
+    let code = report::overall(results.iter().map(|r| r.code()).chain(verify_codes));
     let changed = !args.dry_run
         && (results.iter().any(|r| r.copied > 0 || r.deleted > 0) || !pruned.is_empty());
     if !ctx.json && !ctx.quiet {
@@ -422,7 +471,21 @@ fn replicate(
         changed,
         buckets: results
             .iter()
-            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+            .map(|r| {
+                let mut b = serde_json::to_value(r).unwrap_or(Value::Null);
+                if let Some(v) = verified.get(&r.name) {
+                    b["verify"] = v.clone();
+                    if v["error"].is_string()
+                        || v["unverifiable"].as_u64().unwrap_or(0) > 0
+                        || v["differ"].as_u64().unwrap_or(0) > 0
+                        || v["missing_on_destination"].as_u64().unwrap_or(0) > 0
+                        || v["missing_on_source"].as_u64().unwrap_or(0) > 0
+                    {
+                        b["status"] = json!(Code::VerifyFailed.status());
+                    }
+                }
+                b
+            })
             .collect(),
         guards: guards::decisions_json(&decisions),
         findings: &findings,
@@ -475,5 +538,187 @@ pub fn deleted_list(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
             "findings": findings,
         }),
         code: Code::Ok,
+    })
+}
+
+/// Verify `buckets` with `mode`, `parallel_buckets` at a time. `changed` gives, per bucket, the
+/// objects the last sync copied (None: unknown, the whole bucket is checked and reported as
+/// `full`).
+pub fn verify_buckets(
+    policy: &Policy,
+    rclone: &Rclone,
+    config: &PrivateConfig,
+    buckets: &[crate::policy::BucketSpec],
+    settings: &verify::Settings,
+    changed: &(dyn Fn(&str) -> Option<Vec<String>> + Sync),
+) -> Vec<(String, anyhow::Result<verify::Verified>)> {
+    let verify::Settings { mode, seed, show } = *settings;
+    let workers = (policy.sync.parallel_buckets.0 as usize).clamp(1, buckets.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out: std::sync::Mutex<Vec<Option<anyhow::Result<verify::Verified>>>> =
+        std::sync::Mutex::new((0..buckets.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(b) = buckets.get(i) else { break };
+                let list = if mode == verify::Mode::Changed {
+                    changed(&b.name.0)
+                } else {
+                    None
+                };
+                let effective = if mode == verify::Mode::Changed && list.is_none() {
+                    verify::Mode::Full
+                } else {
+                    mode
+                };
+                let req = verify::Request {
+                    policy,
+                    rclone,
+                    config,
+                    bucket: b,
+                    mode: effective,
+                    changed: list.as_deref(),
+                    sample_percent: policy.verify.sample_percent.0,
+                    seed,
+                    checkers: policy.sync.checkers.0,
+                    show,
+                };
+                let r = verify::verify_bucket(&req);
+                if let Ok(mut o) = out.lock() {
+                    o[i] = Some(r);
+                }
+            });
+        }
+    });
+    out.into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .zip(buckets)
+        .map(|(r, b)| {
+            (
+                b.name.0.clone(),
+                r.unwrap_or_else(|| Err(anyhow::anyhow!("internal error: bucket not verified"))),
+            )
+        })
+        .collect()
+}
+
+/// The changed objects per bucket recorded by the last sync (`.offsite/state.json`).
+fn read_state(rclone: &Rclone, config: &PrivateConfig) -> anyhow::Result<Option<guards::State>> {
+    let mut a = rclone.meta_args(config.path());
+    a.extend(["cat", "offsite:.offsite/state.json"].map(OsString::from));
+    let out = rclone.output(&a, None)?;
+    if !out.status.success() || out.stdout.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_slice(&out.stdout).map_err(|e| {
+        fail(
+            Code::Failed,
+            format!(".offsite/state.json is not valid: {e}"),
+        )
+    })?))
+}
+
+fn print_verify(ctx: &Ctx, name: &str, v: &verify::Verified) {
+    ctx.say(format!(
+        "verify {name} ({}): checked {}, matched {} ({} by download), differ {}, missing on destination {}, missing on source {}, unverifiable {}{}",
+        v.mode,
+        v.checked,
+        v.matched,
+        v.by_download,
+        v.differ,
+        v.missing_on_destination,
+        v.missing_on_source,
+        v.unverifiable,
+        v.seed.map(|s| format!(", seed {s}")).unwrap_or_default()
+    ));
+    for p in &v.problems {
+        ctx.say(format!("  {}: {}", p.problem, p.object));
+    }
+}
+
+/// `verify`: check the replica against the source.
+pub fn verify_cmd(cli: &Cli, ctx: &Ctx, args: &crate::cli::VerifyArgs) -> anyhow::Result<Done> {
+    let started = SystemTime::now();
+    let run_id = report::run_id(started);
+    let (policy, findings) = load_compliant(cli, ctx)?;
+    let rclone = Rclone::probe(cli.rclone.as_deref())?;
+    let config = PrivateConfig::new(&policy)?;
+    let (canary_ok, canary_detail) = guards::canary_status(&rclone, config.path(), &policy)?;
+    if !canary_ok {
+        return Err(fail(
+            Code::GuardRefused,
+            format!("key canary: {canary_detail}; nothing was verified"),
+        ));
+    }
+    let buckets = sync::resolve_buckets(&policy, &args.buckets, || {
+        sync::discover_source_buckets(&rclone, config.path())
+    })?;
+    let mode = args.mode.unwrap_or(match policy.verify.after_sync {
+        crate::policy::VerifyMode::Changed => verify::Mode::Changed,
+        crate::policy::VerifyMode::Sample => verify::Mode::Sample,
+        _ => verify::Mode::Full,
+    });
+    let state = if mode == verify::Mode::Changed {
+        read_state(&rclone, &config)?
+    } else {
+        None
+    };
+    let changed = |b: &str| -> Option<Vec<String>> {
+        let bs = state.as_ref()?.buckets.get(b)?;
+        (!bs.changed_truncated).then(|| bs.changed_objects.clone())
+    };
+    let seed = args.seed.unwrap_or_else(verify::random_seed);
+    let settings = verify::Settings {
+        mode,
+        seed,
+        show: args.show,
+    };
+    let results = verify_buckets(&policy, &rclone, &config, &buckets, &settings, &changed);
+    drop(config);
+    crate::signals::check()?;
+    let mut codes = Vec::new();
+    let mut out = Vec::new();
+    for (name, r) in &results {
+        match r {
+            Ok(v) => {
+                let code = if v.ok() { Code::Ok } else { Code::VerifyFailed };
+                codes.push(code);
+                if !ctx.json {
+                    print_verify(ctx, name, v);
+                }
+                out.push(json!({"name": name, "status": code.status(), "verify": v}));
+            }
+            Err(e) => {
+                let code = crate::exit::code_of(e);
+                codes.push(code);
+                eprintln!("offsite verify: bucket {name}: {e:#}");
+                out.push(json!({"name": name, "status": code.status(), "error": format!("{e:#}")}));
+            }
+        }
+    }
+    let code = report::overall(codes);
+    ctx.say(format!(
+        "{}: {} bucket(s) verified",
+        code.status(),
+        results.len()
+    ));
+    let doc = Document {
+        command: "verify",
+        policy: &policy.name.0,
+        run_id: &run_id,
+        rclone: &rclone,
+        started,
+        finished: SystemTime::now(),
+        code,
+        changed: false,
+        buckets: out,
+        guards: vec![json!({"guard": "key_canary", "result": "pass", "detail": canary_detail})],
+        findings: &findings,
+    };
+    Ok(Done {
+        doc: doc.to_json(),
+        code,
     })
 }

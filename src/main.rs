@@ -15,6 +15,7 @@ mod report;
 mod restore;
 mod signals;
 mod sync;
+mod verify;
 
 use std::process::ExitCode;
 
