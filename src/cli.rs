@@ -80,6 +80,9 @@ pub enum Command {
     Restore(crate::restore::RestoreArgs),
     /// Check the replica against the source (cryptcheck, and download where it cannot hash)
     Verify(VerifyArgs),
+    /// Print deployment manifests for the policy
+    #[command(subcommand)]
+    Manifest(crate::manifest::ManifestCommand),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -130,6 +133,7 @@ impl Command {
             Command::Deleted(_) => "deleted",
             Command::Restore(_) => "restore",
             Command::Verify(_) => "verify",
+            Command::Manifest(_) => "manifest",
         }
     }
 }
@@ -237,6 +241,7 @@ fn run(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
         Command::Deleted(DeletedCommand::List) => crate::commands::deleted_list(cli, ctx),
         Command::Restore(a) => crate::restore::command(cli, ctx, a),
         Command::Verify(a) => crate::commands::verify_cmd(cli, ctx, a),
+        Command::Manifest(m) => crate::manifest::command(cli, ctx, m),
     }
 }
 

@@ -7,6 +7,7 @@ mod compliance;
 mod events;
 mod exit;
 mod guards;
+mod manifest;
 mod policy;
 mod progress;
 mod rclone;
