@@ -30,6 +30,19 @@ const MAX_SECRET_BYTES: u64 = 64 * 1024;
 /// Parse and validate the policy at `path`. Every failure is an `Exit` with code 2 whose
 /// message is one line: `FILE:LINE:COL: field.path: reason` (or `FILE: reason`).
 pub fn load(path: &Path) -> anyhow::Result<Policy> {
+    load_with(path, true)
+}
+
+/// Like [`load`], without reading any secret: `{env: ..}` and `{file: ..}` keep only their
+/// origin (values empty). For commands that describe a deployment elsewhere (`manifest`),
+/// where the secret files and variables exist only inside the pod. Never use the result to
+/// run rclone.
+#[allow(dead_code)] // used by `manifest` (issue 7, in progress)
+pub fn load_unresolved(path: &Path) -> anyhow::Result<Policy> {
+    load_with(path, false)
+}
+
+fn load_with(path: &Path, resolve_secrets: bool) -> anyhow::Result<Policy> {
     let shown = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|e| {
         fail(
@@ -58,7 +71,10 @@ pub fn load(path: &Path) -> anyhow::Result<Policy> {
         _ => Path::new("."),
     };
     let base = std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
-    parse(&shown, &bytes, &base)
+    RESOLVE_SECRETS.with(|r| r.set(resolve_secrets));
+    let parsed = parse(&shown, &bytes, &base);
+    RESOLVE_SECRETS.with(|r| r.set(true));
+    parsed
 }
 
 /// Parse policy bytes. `shown` names the file in errors; relative `{file: ..}` secrets and
@@ -104,6 +120,8 @@ thread_local! {
     /// paths and local paths resolve against it, not against the working directory, so the
     /// same policy works from cron, Ansible and a shell.
     static BASE_DIR: std::cell::RefCell<PathBuf> = std::cell::RefCell::new(PathBuf::from("."));
+    /// False while [`load_unresolved`] parses: secret references are recorded, not read.
+    static RESOLVE_SECRETS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
 fn resolve(p: &str) -> PathBuf {
@@ -243,6 +261,16 @@ impl<'de> Deserialize<'de> for Secret {
                     ));
                 }
                 match key.as_str() {
+                    "env" if !RESOLVE_SECRETS.with(|r| r.get()) => Ok(Secret {
+                        origin: SecretOrigin::Env(arg),
+                        value: String::new(),
+                        group_or_other_readable: false,
+                    }),
+                    "file" if !RESOLVE_SECRETS.with(|r| r.get()) => Ok(Secret {
+                        origin: SecretOrigin::File(resolve(&arg)),
+                        value: String::new(),
+                        group_or_other_readable: false,
+                    }),
                     "env" => read_env(&arg).map_err(de::Error::custom),
                     "file" => read_file(&arg).map_err(de::Error::custom),
                     other => Err(de::Error::custom(format!(
