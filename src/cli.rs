@@ -118,6 +118,51 @@ pub struct SyncArgs {
     /// Let a bucket that is empty at the source empty its replica (deletions are kept)
     #[arg(long)]
     pub allow_empty_source: bool,
+    /// Only the buckets of shard I of N (I counts from 0, like JOB_COMPLETION_INDEX)
+    #[arg(long, value_name = "I/N", conflicts_with = "shards")]
+    pub shard: Option<String>,
+    /// Split into N shards and take the one JOB_COMPLETION_INDEX names (Kubernetes Indexed Job)
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u32>,
+}
+
+impl SyncArgs {
+    /// The shard this run handles, `(index, count)`, from `--shard I/N` or `--shards N` with
+    /// `JOB_COMPLETION_INDEX`.
+    pub fn shard(&self) -> anyhow::Result<Option<(u32, u32)>> {
+        let bad = |m: String| fail(Code::Invalid, m);
+        let (i, n) = match (&self.shard, self.shards) {
+            (None, None) => return Ok(None),
+            (Some(s), _) => {
+                let (i, n) = s
+                    .split_once('/')
+                    .ok_or_else(|| bad(format!("--shard {s}: expected I/N, e.g. 0/3")))?;
+                let i: u32 = i
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("--shard {s}: I is not a number")))?;
+                let n: u32 = n
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("--shard {s}: N is not a number")))?;
+                (i, n)
+            }
+            (None, Some(n)) => {
+                let v = std::env::var("JOB_COMPLETION_INDEX").map_err(|_| {
+                    bad(format!("--shards {n}: JOB_COMPLETION_INDEX is not set (it is set in the pods of a Kubernetes Indexed Job); use --shard I/{n} elsewhere"))
+                })?;
+                let i: u32 = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("JOB_COMPLETION_INDEX={v} is not a number")))?;
+                (i, n)
+            }
+        };
+        if n == 0 || i >= n {
+            return Err(bad(format!("shard {i}/{n}: need 0 <= I < N")));
+        }
+        Ok(Some((i, n)))
+    }
 }
 
 impl Command {

@@ -305,13 +305,120 @@ fn side_advice(name: &str, side: &Side) -> String {
 
 /// `sync` (and the sync step of `run`): guards, then replicate each bucket.
 pub fn sync(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
-    replicate(cli, ctx, args, "sync", false)
+    replicate(cli, ctx, args, "sync", false).map(|r| r.done)
 }
 
-/// `run`: the scheduled job. Today: sync, then pruning of kept deletions older than
-/// `guards.keep_deleted_days` (verify and reporting join with their issues).
+/// `run`: the scheduled job: sync, verify (`verify.after_sync`), prune kept deletions older
+/// than `keep_deleted_days`, then reporting (metrics, Pushgateway, attestation) — also when the
+/// run failed or was interrupted, so monitoring sees every outcome.
 pub fn run(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
-    replicate(cli, ctx, args, "run", true)
+    let started = SystemTime::now();
+    let result = replicate(cli, ctx, args, "run", true);
+    let path = policy_path(cli);
+    // A policy that does not parse has no reporting settings to honour.
+    let policy = match &result {
+        Ok(r) => r.policy.clone(),
+        Err(_) => match crate::policy::load(&path) {
+            Ok(p) => p,
+            Err(_) => return result.map(|r| r.done),
+        },
+    };
+    let (doc, remote) = match &result {
+        Ok(r) => (r.done.doc.clone(), Some((&r.rclone, &r.config))),
+        Err(e) => {
+            let code = crate::exit::code_of(e);
+            (
+                json!({
+                    "command": "run",
+                    "policy": policy.name.0,
+                    "status": code.status(),
+                    "exit_code": code.as_i32(),
+                    "error": format!("{e:#}").replace('\n', " "),
+                    "started": report::rfc3339(started),
+                    "finished": report::rfc3339(SystemTime::now()),
+                    "changed": false,
+                    "buckets": [],
+                    "guards": [],
+                    "findings": [],
+                }),
+                None,
+            )
+        }
+    };
+    publish(&policy, &path, &doc, started, remote);
+    result.map(|r| r.done)
+}
+
+/// Metrics, Pushgateway and attestation for a finished `run`. Failures to report are printed
+/// on stderr and do not change the run's exit code (the run itself is what it was).
+fn publish(
+    policy: &Policy,
+    policy_file: &std::path::Path,
+    doc: &Value,
+    started: SystemTime,
+    remote: Option<(&Rclone, &PrivateConfig)>,
+) {
+    use crate::reporting;
+    let secs = |t: SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+    };
+    let facts = reporting::RunFacts {
+        policy: &policy.name.0,
+        doc,
+        started_unix: secs(started),
+        finished_unix: secs(SystemTime::now()),
+    };
+    let r = &policy.reporting;
+    if let Some(file) = &r.metrics_file {
+        let path = std::path::Path::new(&file.0);
+        let previous = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| reporting::previous_success(&t, &policy.name.0));
+        let text = reporting::exposition(&facts, previous);
+        if let Err(e) = reporting::write_atomic(path, text.as_bytes(), 0o644) {
+            eprintln!("offsite run: warning: reporting.metrics_file: {e:#}");
+        }
+    }
+    if let Some(url) = &r.pushgateway_url {
+        // The Pushgateway keeps the previous success timestamp itself (POST replaces only the
+        // names sent).
+        let text = reporting::exposition(&facts, None);
+        if let Err(e) = reporting::push(&url.0, &policy.name.0, &text) {
+            eprintln!("offsite run: warning: reporting.pushgateway_url: {e:#}");
+        }
+    }
+    let sha = remote.and_then(|(rc, _)| rc.sha256().ok());
+    let record = reporting::attestation(policy, policy_file, doc, sha.as_deref());
+    let Ok(bytes) = serde_json::to_vec_pretty(&record) else {
+        return;
+    };
+    if let Some(file) = &r.attestation_file {
+        if let Err(e) = reporting::write_atomic(std::path::Path::new(&file.0), &bytes, 0o644) {
+            eprintln!("offsite run: warning: reporting.attestation_file: {e:#}");
+        }
+    }
+    // Encrypted copy under the crypt root, only after a run that passed the key canary (a
+    // refused or early-failed run writes nothing to the secondary).
+    if let (Some((rclone, config)), Some(run_id)) = (remote, doc["run_id"].as_str()) {
+        let mut a = rclone.meta_args(config.path());
+        a.push("rcat".into());
+        a.push(format!("offsite:.offsite/attestations/{run_id}.json").into());
+        match rclone.output_cleanup(&a, Some(&bytes)) {
+            Some(o) if o.status.success() => {}
+            _ => eprintln!("offsite run: warning: could not store the attestation under .offsite/attestations/"),
+        }
+    }
+}
+
+/// What a replication leaves for `run`'s reporting: the document, and the rclone and private
+/// config still alive for the encrypted attestation.
+struct Replicated {
+    done: Done,
+    policy: Policy,
+    rclone: Rclone,
+    config: PrivateConfig,
 }
 
 fn replicate(
@@ -320,19 +427,26 @@ fn replicate(
     args: &SyncArgs,
     command: &str,
     prune: bool,
-) -> anyhow::Result<Done> {
+) -> anyhow::Result<Replicated> {
     let started = SystemTime::now();
     let run_id = report::run_id(started);
     let (policy, findings) = load_compliant(cli, ctx)?;
     let rclone = Rclone::probe(cli.rclone.as_deref())?;
     let config = PrivateConfig::new(&policy)?;
-    let buckets = sync::resolve_buckets(&policy, &args.buckets, || {
+    let shard = args.shard()?;
+    let mut buckets = sync::resolve_buckets(&policy, &args.buckets, || {
         sync::discover_source_buckets(&rclone, config.path())
     })?;
+    if let Some((i, n)) = shard {
+        buckets.retain(|b| sync::shard_of(&b.name.0, n) == i);
+    }
     let opts = guards::Options {
         dry_run: args.dry_run,
         allow_empty_source: args.allow_empty_source,
-        lock_suffix: String::new(),
+        // A lock, a lease and a state file per shard: shards run at once by design.
+        lock_suffix: shard
+            .map(|(i, n)| format!("-shard-{i}-of-{n}"))
+            .unwrap_or_default(),
     };
     let (guarded, plans) =
         guards::Guarded::begin(&policy, &rclone, &config, &run_id, &buckets, &opts)?;
@@ -420,7 +534,6 @@ fn replicate(
         pruned = ids;
         decisions.extend(d);
     }
-    drop(config);
     let results: Vec<_> = outcomes.into_iter().map(|(r, _)| r).collect();
     let code = report::overall(results.iter().map(|r| r.code()).chain(verify_codes));
     let changed = !args.dry_run
@@ -494,7 +607,15 @@ fn replicate(
     if prune {
         doc["pruned_generations"] = json!(pruned);
     }
-    Ok(Done { doc, code })
+    if let Some((i, n)) = shard {
+        doc["shard"] = json!({"index": i, "count": n});
+    }
+    Ok(Replicated {
+        done: Done { doc, code },
+        policy,
+        rclone,
+        config,
+    })
 }
 
 /// `deleted list`: the generations kept under deleted/, with counts and age.
@@ -604,20 +725,49 @@ pub fn verify_buckets(
         .collect()
 }
 
-/// The changed objects per bucket recorded by the last sync (`.offsite/state.json`).
+/// The changed objects per bucket recorded by the last syncs: `.offsite/state.json`, merged
+/// with the per-shard `state-shard-I-of-N.json` files (the newest entry of a bucket wins).
 fn read_state(rclone: &Rclone, config: &PrivateConfig) -> anyhow::Result<Option<guards::State>> {
+    let down = config.scratch().join("state-in");
+    std::fs::create_dir_all(&down)?;
     let mut a = rclone.meta_args(config.path());
-    a.extend(["cat", "offsite:.offsite/state.json"].map(OsString::from));
+    a.extend(["copy", "offsite:.offsite"].map(OsString::from));
+    a.push(down.clone().into());
+    a.extend(["--max-depth", "1", "--include", "/state*.json"].map(OsString::from));
     let out = rclone.output(&a, None)?;
-    if !out.status.success() || out.stdout.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(serde_json::from_slice(&out.stdout).map_err(|e| {
-        fail(
+    if !out.status.success() && out.status.code() != Some(3) {
+        return Err(fail(
             Code::Failed,
-            format!(".offsite/state.json is not valid: {e}"),
-        )
-    })?))
+            format!(
+                "reading .offsite/state*.json failed: {}",
+                sync::last_line(&out.stderr)
+            ),
+        ));
+    }
+    let mut merged: Option<guards::State> = None;
+    for e in std::fs::read_dir(&down)?.flatten() {
+        let st: guards::State =
+            serde_json::from_slice(&std::fs::read(e.path())?).map_err(|err| {
+                fail(
+                    Code::Failed,
+                    format!(
+                        ".offsite/{} is not valid: {err}",
+                        e.file_name().to_string_lossy()
+                    ),
+                )
+            })?;
+        let m = merged.get_or_insert_with(guards::State::default);
+        for (b, bs) in st.buckets {
+            let newer = m
+                .buckets
+                .get(&b)
+                .is_none_or(|old| old.last_sync < bs.last_sync);
+            if newer {
+                m.buckets.insert(b, bs);
+            }
+        }
+    }
+    Ok(merged)
 }
 
 fn print_verify(ctx: &Ctx, name: &str, v: &verify::Verified) {

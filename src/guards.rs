@@ -220,6 +220,7 @@ pub struct Guarded<'a> {
     policy: &'a Policy,
     run_id: String,
     lease_name: String,
+    state_name: String,
     lease_held: bool,
     heartbeat: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
     pub state: State,
@@ -254,10 +255,12 @@ fn fetch(
     config: &PrivateConfig,
     config_policy: &Policy,
     lease_name: &str,
+    state_name: &str,
 ) -> anyhow::Result<Fetched> {
     let down = config.scratch().join("remote-in");
     std::fs::create_dir_all(&down)?;
     let lease_filter = format!("/{lease_name}");
+    let state_filter = format!("/{state_name}");
     let out = rclone.output(
         &args(
             rclone,
@@ -271,7 +274,7 @@ fn fetch(
                 "--include",
                 "/canary",
                 "--include",
-                "/state.json",
+                &state_filter,
                 "--include",
                 &lease_filter,
             ],
@@ -289,7 +292,7 @@ fn fetch(
         ));
     }
     let read = |name: &str| std::fs::read(down.join(name)).ok();
-    let state = match read("state.json") {
+    let state = match read(state_name) {
         Some(b) => Some(serde_json::from_slice(&b).context(".offsite/state.json is not valid")?),
         None => None,
     };
@@ -377,13 +380,15 @@ impl<'a> Guarded<'a> {
         let lock_name = format!("{}{}", policy.name, opts.lock_suffix);
         let local = LocalLock::acquire(&lock_name, run_id)?;
         let lease_name = format!("lock{}", opts.lock_suffix);
+        // One state file per shard: shards run at once and must not overwrite each other.
+        let state_name = format!("state{}.json", opts.lock_suffix);
         let g = &policy.guards;
         let cfg = config.path();
 
         // Phase 1, in parallel: .offsite/ (canary, state, lease) and, per bucket, whether the
         // source lists anything.
         let (fetched, source_probes) = std::thread::scope(|s| {
-            let f = s.spawn(|| fetch(rclone, config, policy, &lease_name));
+            let f = s.spawn(|| fetch(rclone, config, policy, &lease_name, &state_name));
             let probes: Vec<_> = buckets
                 .iter()
                 .map(|b| {
@@ -485,6 +490,7 @@ impl<'a> Guarded<'a> {
             policy,
             run_id: run_id.to_string(),
             lease_name,
+            state_name,
             lease_held: false,
             heartbeat: None,
             state: fetched.state.clone().unwrap_or_else(|| State {
@@ -742,7 +748,7 @@ impl<'a> Guarded<'a> {
         let up = self.config.scratch().join("remote-out");
         std::fs::create_dir_all(&up)?;
         std::fs::write(
-            up.join("state.json"),
+            up.join(&self.state_name),
             serde_json::to_vec_pretty(&self.state)?,
         )?;
         std::fs::write(

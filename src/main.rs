@@ -1,27 +1,10 @@
-//! offsite: replicate backup buckets to a second object storage, encrypted client-side with
-//! rclone crypt. `main` stays thin: it runs [`cli::run`] and prints an error once.
-
-mod cli;
-mod commands;
-mod compliance;
-mod events;
-mod exit;
-mod guards;
-mod manifest;
-mod policy;
-mod progress;
-mod rclone;
-mod render;
-mod report;
-mod restore;
-mod signals;
-mod sync;
-mod verify;
+//! The `offsite` binary: install the signal handlers, run [`offsite::cli::main`], exit with its
+//! code. Everything else lives in the library (src/lib.rs).
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    signals::install();
-    let code = cli::main();
+    offsite::signals::install();
+    let code = offsite::cli::main();
     ExitCode::from(u8::try_from(code.as_i32()).unwrap_or(1))
 }

@@ -18,5 +18,8 @@ pub struct KubernetesArgs {
 }
 
 pub fn command(_cli: &Cli, _ctx: &Ctx, _cmd: &ManifestCommand) -> anyhow::Result<Done> {
-    Err(fail(Code::Internal, "manifest is not implemented yet (issue 7)"))
+    Err(fail(
+        Code::Internal,
+        "manifest is not implemented yet (issue 7)",
+    ))
 }
