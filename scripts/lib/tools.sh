@@ -86,3 +86,43 @@ ensure_rust_components() {
         fi
     done
 }
+
+# promtool (Debian package prometheus) checks the metrics textfile; a real Pushgateway (Debian
+# package prometheus-pushgateway) receives the push. The packages' services are not used: the
+# rig starts its own Pushgateway on a free loopback port (scripts/lib/rig.sh).
+PROMTOOL=/usr/bin/promtool
+PUSHGATEWAY_BIN=/usr/bin/prometheus-pushgateway
+ensure_prometheus_tools() {
+    local state=cached
+    if [ ! -x "$PROMTOOL" ] || [ ! -x "$PUSHGATEWAY_BIN" ]; then
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            prometheus prometheus-pushgateway
+        state=installed
+    fi
+    echo "promtool: $state $("$PROMTOOL" --version 2>&1 | sed -n 1p) ($PROMTOOL)"
+    echo "pushgateway: $state $("$PUSHGATEWAY_BIN" --version 2>&1 | sed -n 1p) ($PUSHGATEWAY_BIN)"
+}
+
+# Python tools the tests drive, from PyPI, in one project-local venv: ansible-core (the Ansible
+# example is run by a test) and kubernetes-validate (every rendered manifest is validated).
+# Pinned so that a CI run next year tests the same thing; bump deliberately.
+PYTOOLS_DIR="${REPO_ROOT}/.tools/py"
+ANSIBLE_CORE_VERSION=2.19.14
+KUBERNETES_VALIDATE_VERSION=1.37.0
+ANSIBLE_PLAYBOOK="${PYTOOLS_DIR}/bin/ansible-playbook"
+KUBERNETES_VALIDATE="${PYTOOLS_DIR}/bin/kubernetes-validate"
+ensure_python_tools() {
+    local state=cached
+    if [ ! -x "$ANSIBLE_PLAYBOOK" ] || [ ! -x "$KUBERNETES_VALIDATE" ] ||
+        [ "$(cat "$PYTOOLS_DIR/.pins" 2>/dev/null)" != "$ANSIBLE_CORE_VERSION $KUBERNETES_VALIDATE_VERSION" ]; then
+        ensure_python3
+        python3 -m venv "$PYTOOLS_DIR"
+        "$PYTOOLS_DIR/bin/pip" install --disable-pip-version-check -q \
+            "ansible-core==$ANSIBLE_CORE_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+        echo "$ANSIBLE_CORE_VERSION $KUBERNETES_VALIDATE_VERSION" >"$PYTOOLS_DIR/.pins"
+        state=installed
+    fi
+    echo "ansible-playbook: $state $("$ANSIBLE_PLAYBOOK" --version 2>/dev/null | sed -n 1p) ($ANSIBLE_PLAYBOOK)"
+    echo "kubernetes-validate: $state $KUBERNETES_VALIDATE_VERSION ($KUBERNETES_VALIDATE)"
+}
