@@ -58,6 +58,10 @@ pub fn sync_argv(
     push(&s.transfers.0.to_string());
     push("--checkers");
     push(&s.checkers.0.to_string());
+    // S3 names are bytes: "café" in NFC and in NFD are two objects. Without this flag rclone
+    // matches names after NFC normalisation, replicates only one of the two ("Duplicate
+    // object found in source - ignoring", a NOTICE) and exits 0 (seen with 1.60.1 and 1.75.2).
+    push("--no-unicode-normalization");
     if let Some(bw) = &s.bwlimit {
         push("--bwlimit");
         push(&bw.0);

@@ -167,9 +167,15 @@ fn run_check(r: &Request, download: bool, files: Option<&Path>) -> anyhow::Resul
     a.push(src.into());
     a.push(dst.into());
     a.extend(
-        ["--use-json-log", "-v", "--checkers"]
-            .iter()
-            .map(OsString::from),
+        // Byte-exact names, as the sync compares them (sync.rs: NFC/NFD twins are two objects).
+        [
+            "--use-json-log",
+            "-v",
+            "--no-unicode-normalization",
+            "--checkers",
+        ]
+        .iter()
+        .map(OsString::from),
     );
     a.push(r.checkers.to_string().into());
     a.push("--combined".into());
