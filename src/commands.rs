@@ -314,6 +314,11 @@ pub fn sync(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
 pub fn run(cli: &Cli, ctx: &Ctx, args: &SyncArgs) -> anyhow::Result<Done> {
     let started = SystemTime::now();
     let result = replicate(cli, ctx, args, "run", true);
+    // A dry run changes nothing anywhere: no metrics (it would move last_run and
+    // last_success), no push, no attestation, locally or under the crypt root.
+    if args.dry_run {
+        return result.map(|r| r.done);
+    }
     let path = policy_path(cli);
     // A policy that does not parse has no reporting settings to honour.
     let policy = match &result {

@@ -172,13 +172,18 @@ impl LocalLock {
                 Ok(LocalLock { _lock: lock, path })
             }
             Err((_, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
+                // The holder writes its pid, run id and start time right after locking; a
+                // holder that has not written yet (or a lock taken by another tool) shows none.
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => String::new(),
+                    h => format!(" ({h})"),
+                };
                 Err(fail(
                     Code::Locked,
                     format!(
-                        "another offsite run of policy {lock_name} holds the local lock {} ({}); try again when it ends",
+                        "another offsite run of policy {lock_name} holds the local lock {}{holder}; try again when it ends",
                         path.display(),
-                        holder.trim()
                     ),
                 ))
             }
@@ -438,7 +443,11 @@ impl<'a> Guarded<'a> {
                                 "key_canary",
                                 None,
                                 "created",
-                                "empty crypt root: the canary is written with this key",
+                                if opts.dry_run {
+                                    "empty crypt root: the canary would be written with this key (dry run: nothing is written)"
+                                } else {
+                                    "empty crypt root: the canary is written with this key"
+                                },
                             ));
                         }
                         Some(true) => {
@@ -451,7 +460,11 @@ impl<'a> Guarded<'a> {
                                         "key_canary",
                                         None,
                                         "created",
-                                        "existing replica decrypts with this key: canary added",
+                                        if opts.dry_run {
+                                            "existing replica decrypts with this key: the canary would be added (dry run: nothing is written)"
+                                        } else {
+                                            "existing replica decrypts with this key: canary added"
+                                        },
                                     ));
                                 }
                                 _ => {

@@ -324,6 +324,43 @@ fn dry_run_changes_nothing() {
     assert_eq!(doc["changed"], false);
     assert_eq!(bucket(&doc, &s.b.sources[0])["would_copy"], 2);
     assert_eq!(ls(&s.b.dest()), vec![]);
+
+    // `run --dry-run` too: no canary, lease, state or attestation on the secondary, and no
+    // metrics or attestation file (a dry run must not move last_success).
+    let metrics = s.dir.path().join("offsite.prom");
+    let attestation = s.dir.path().join("attestation.json");
+    let policy = s3_policy_with(
+        s.dir.path(),
+        &s.b,
+        &format!(
+            "reporting:\n  metrics_file: {}\n  attestation_file: {}\n",
+            yaml_str(&metrics),
+            yaml_str(&attestation)
+        ),
+    );
+    let o = run(
+        &policy,
+        s.tmp.path(),
+        &["run", "--dry-run", "--output", "json"],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let doc = o.json();
+    assert_eq!(doc["changed"], false);
+    let canary = doc["guards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["guard"] == "key_canary")
+        .unwrap();
+    assert!(
+        canary["detail"]
+            .as_str()
+            .unwrap()
+            .contains("would be written"),
+        "{canary}"
+    );
+    assert_eq!(ls(&s.b.dest()), vec![], "a dry run wrote to the secondary");
+    assert!(!metrics.exists() && !attestation.exists());
 }
 
 #[test]
