@@ -71,7 +71,7 @@ pub enum Command {
     Doctor,
     /// Replicate each bucket to data/<bucket> under the crypt root, behind the guards
     Sync(SyncArgs),
-    /// The scheduled job: sync, then prune kept deletions older than guards.keep_deleted_days
+    /// The scheduled job: sync, verify (verify.after_sync), prune old kept deletions, report
     Run(SyncArgs),
     /// Kept deletions (deleted/<run-id>/<bucket>/ under the crypt root)
     #[command(subcommand)]

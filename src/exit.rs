@@ -7,9 +7,6 @@ use std::fmt;
 
 /// The documented process exit codes. Never pass rclone's own codes through raw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-// The whole table is the contract (cli.md); some codes are raised only by features that are
-// not built yet (verify: 6, run lock: 8).
-#[allow(dead_code)]
 pub enum Code {
     Ok = 0,
     Internal = 1,
