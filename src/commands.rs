@@ -22,7 +22,14 @@ use crate::verify;
 /// printed to stderr and the command continues.
 pub fn load_compliant(cli: &Cli, ctx: &Ctx) -> anyhow::Result<(Policy, Vec<Finding>)> {
     let (policy, findings) = load_checked(cli)?;
-    for f in &findings {
+    refuse_noncompliant(&policy_path(cli), ctx, &findings)?;
+    Ok((policy, findings))
+}
+
+/// Print the findings on stderr (warnings unless `-q`), and fail with exit 3 naming the rules
+/// when any is an error.
+pub fn refuse_noncompliant(path: &Path, ctx: &Ctx, findings: &[Finding]) -> anyhow::Result<()> {
+    for f in findings {
         if !ctx.quiet || f.severity == Severity::Error {
             eprintln!(
                 "offsite: {} {} {}: {}",
@@ -36,22 +43,24 @@ pub fn load_compliant(cli: &Cli, ctx: &Ctx) -> anyhow::Result<(Policy, Vec<Findi
             );
         }
     }
-    if compliance::has_errors(&findings) {
-        let ids: Vec<&str> = findings
+    if compliance::has_errors(findings) {
+        let mut ids: Vec<&str> = findings
             .iter()
             .filter(|f| f.severity == Severity::Error)
             .map(|f| f.id)
             .collect();
+        ids.sort_unstable();
+        ids.dedup();
         return Err(fail(
             Code::Noncompliant,
             format!(
                 "{}: policy violates compliance rule(s) {}; `offsite check` explains each",
-                policy_path(cli).display(),
+                path.display(),
                 ids.join(", ")
             ),
         ));
     }
-    Ok((policy, findings))
+    Ok(())
 }
 
 /// `plan`: the config with secrets redacted, and the exact command lines.
@@ -545,20 +554,8 @@ fn replicate(
         && (results.iter().any(|r| r.copied > 0 || r.deleted > 0) || !pruned.is_empty());
     if !ctx.json && !ctx.quiet {
         print!("{}", report::table(&results));
-        for d in decisions
-            .iter()
-            .filter(|d| !matches!(d.result, "pass" | "acquired"))
-        {
-            println!(
-                "guard {}{}: {}: {}",
-                d.guard,
-                d.bucket
-                    .as_deref()
-                    .map(|b| format!(" [{b}]"))
-                    .unwrap_or_default(),
-                d.result,
-                d.detail
-            );
+        for line in report::decision_lines(&decisions) {
+            println!("{line}");
         }
         println!(
             "{}: {} bucket(s), changed: {changed}{}",

@@ -128,35 +128,7 @@ fn kubernetes(cli: &Cli, ctx: &Ctx, args: &KubernetesArgs) -> anyhow::Result<Don
         }
     };
     let findings = compliance_without_secrets(&policy);
-    for f in &findings {
-        if !ctx.quiet || f.severity == Severity::Error {
-            eprintln!(
-                "offsite: {} {} {}: {}",
-                match f.severity {
-                    Severity::Error => "error",
-                    Severity::Warning => "warning",
-                },
-                f.id,
-                f.field,
-                f.message
-            );
-        }
-    }
-    if compliance::has_errors(&findings) {
-        let ids: BTreeSet<&str> = findings
-            .iter()
-            .filter(|f| f.severity == Severity::Error)
-            .map(|f| f.id)
-            .collect();
-        return Err(fail(
-            Code::Noncompliant,
-            format!(
-                "{}: policy violates compliance rule(s) {}; `offsite check` explains each",
-                path.display(),
-                ids.into_iter().collect::<Vec<_>>().join(", ")
-            ),
-        ));
-    }
+    crate::commands::refuse_noncompliant(&path, ctx, &findings)?;
     let rendered = render(&policy, &text, args)?;
     if !ctx.quiet {
         for n in &rendered.notes {

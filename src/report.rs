@@ -118,6 +118,23 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// The guard decisions worth a line in text mode: all but a plain pass and the lock being
+/// taken.
+pub fn decision_lines(decisions: &[crate::guards::Decision]) -> Vec<String> {
+    decisions
+        .iter()
+        .filter(|d| !matches!(d.result, "pass" | "acquired"))
+        .map(|d| {
+            let bucket = d
+                .bucket
+                .as_deref()
+                .map(|b| format!(" [{b}]"))
+                .unwrap_or_default();
+            format!("guard {}{bucket}: {}: {}", d.guard, d.result, d.detail)
+        })
+        .collect()
+}
+
 /// The summary table printed at the end of `sync` in text mode.
 pub fn table(results: &[BucketResult]) -> String {
     let w = results

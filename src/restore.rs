@@ -735,17 +735,8 @@ pub fn command(cli: &Cli, ctx: &Ctx, args: &RestoreArgs) -> anyhow::Result<Done>
     let changed = !args.dry_run && results.iter().any(|r| r.copied > 0);
     if !ctx.json && !ctx.quiet {
         print!("{}", table(&results));
-        for d in decisions.iter().filter(|d| d.result != "pass") {
-            println!(
-                "guard {}{}: {}: {}",
-                d.guard,
-                d.bucket
-                    .as_deref()
-                    .map(|b| format!(" [{b}]"))
-                    .unwrap_or_default(),
-                d.result,
-                d.detail
-            );
+        for line in report::decision_lines(&decisions) {
+            println!("{line}");
         }
         println!(
             "{}: {} bucket(s) restored, changed: {changed}{}",
@@ -1016,29 +1007,8 @@ fn replica_sizes(job: &Job, from: &str, objects: &[String]) -> anyhow::Result<u6
     Ok(entries.iter().map(|e| e.size.max(0) as u64).sum())
 }
 
-/// rclone's own diagnostics on stderr, prefixed with the bucket: errors and plain-text lines
-/// always, per-object messages with `-v`.
 fn relay(job: &Job, bucket: &str, line: &Line) {
-    if job.quiet {
-        return;
-    }
-    match line {
-        Line::Text(t) if !t.trim().is_empty() => {
-            eprintln!("offsite restore: {bucket}: rclone: {}", t.trim_end())
-        }
-        Line::Json(ev) if ev.stats.is_none() => {
-            let important = matches!(ev.level, Level::Error | Level::Critical);
-            if important || job.verbose > 0 {
-                let obj = ev
-                    .object
-                    .as_deref()
-                    .map(|o| format!("{o}: "))
-                    .unwrap_or_default();
-                eprintln!("offsite restore: {bucket}: {obj}{}", ev.msg);
-            }
-        }
-        _ => {}
-    }
+    crate::sync::relay_line("offsite restore", job.quiet, job.verbose, bucket, line);
 }
 
 /// The summary table of a restore in text mode.

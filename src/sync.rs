@@ -310,25 +310,29 @@ fn sync_one(job: &Job, plan: &BucketPlan, bar: &BucketProgress) -> (BucketResult
     (result, counts)
 }
 
-/// Pass rclone's own diagnostics through to stderr, prefixed with the bucket: errors and
-/// plain-text lines always, per-object messages with `-v`.
 fn relay(job: &Job, bucket: &str, line: &Line) {
-    if job.quiet {
+    relay_line("offsite", job.quiet, job.verbose, bucket, line);
+}
+
+/// Pass rclone's own diagnostics through to stderr, prefixed with `prefix` and the bucket:
+/// errors and plain-text lines always, per-object messages with `-v`, nothing with `-q`.
+pub fn relay_line(prefix: &str, quiet: bool, verbose: u8, bucket: &str, line: &Line) {
+    if quiet {
         return;
     }
     match line {
         Line::Text(t) if !t.trim().is_empty() => {
-            eprintln!("offsite: {bucket}: rclone: {}", t.trim_end())
+            eprintln!("{prefix}: {bucket}: rclone: {}", t.trim_end())
         }
         Line::Json(ev) if ev.stats.is_none() => {
             let important = matches!(ev.level, Level::Error | Level::Critical);
-            if important || job.verbose > 0 {
+            if important || verbose > 0 {
                 let obj = ev
                     .object
                     .as_deref()
                     .map(|o| format!("{o}: "))
                     .unwrap_or_default();
-                eprintln!("offsite: {bucket}: {obj}{}", ev.msg);
+                eprintln!("{prefix}: {bucket}: {obj}{}", ev.msg);
             }
         }
         _ => {}
