@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -96,6 +96,13 @@ pub fn parse(shown: &str, bytes: &[u8], base: &Path) -> anyhow::Result<Policy> {
             format!("{shown}:{line}:{col}: control character in policy file"),
         ));
     }
+    if let Some(pos) = deep_flow_nesting(text) {
+        let (line, col) = line_col(bytes, pos);
+        return Err(fail(
+            Code::Invalid,
+            format!("{shown}:{line}:{col}: `[`/`{{` nested more than {MAX_FLOW_DEPTH} deep; refusing to parse"),
+        ));
+    }
     if text.trim().is_empty()
         || text
             .lines()
@@ -113,6 +120,32 @@ pub fn parse(shown: &str, bytes: &[u8], base: &Path) -> anyhow::Result<Policy> {
         })
         .map_err(|e| fail(Code::Invalid, format_yaml_error(shown, &e)))?;
     Ok(Policy::from_raw(raw))
+}
+
+/// No policy nests flow collections (`[..]`, `{..}`) more than a few levels deep.
+const MAX_FLOW_DEPTH: usize = 64;
+
+/// The offset of the first `[` or `{` that opens more than [`MAX_FLOW_DEPTH`] levels. libyaml's
+/// scanner (unsafe-libyaml, under serde_yaml_ng) looks at every open flow level for each token,
+/// so deep nesting costs quadratic time: 40,000 brackets (80 KB) took 19 s and a 1 MiB file
+/// would take many minutes, before the deserialiser's own recursion limit is reached. Brackets
+/// are counted everywhere, quotes and comments included: tracking quoting here would let a
+/// mis-tracked quote hide a bomb, and a real policy never comes near the limit.
+fn deep_flow_nesting(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, b) in text.bytes().enumerate() {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some(i);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 thread_local! {
@@ -147,8 +180,18 @@ fn format_yaml_error(shown: &str, e: &serde_yaml_ng::Error) -> String {
     if let Some(i) = msg.find(" at line ") {
         msg.truncate(i);
     }
-    // Some messages (recursion/alias limits) carry their own prose; keep one line.
-    let msg = field_first(&msg.replace('\n', " "));
+    // Some messages (recursion/alias limits) carry their own prose; keep one line. Values and
+    // keys from the file appear in messages raw (serde's `unknown field`, a secret's path), so
+    // escape their control characters: no escape sequence from a policy reaches a terminal.
+    let mut clean = String::with_capacity(msg.len());
+    for c in msg.replace('\n', " ").chars() {
+        if c.is_control() {
+            clean.extend(c.escape_debug());
+        } else {
+            clean.push(c);
+        }
+    }
+    let msg = field_first(&clean);
     match e.location() {
         Some(loc) => format!("{shown}:{}:{}: {msg}", loc.line(), loc.column()),
         None => format!("{shown}: {msg}"),
@@ -260,6 +303,13 @@ impl<'de> Deserialize<'de> for Secret {
                         "a secret reference has exactly one key: env or file",
                     ));
                 }
+                // Checked in both modes: the name or path is shown in messages and manifests.
+                if arg.chars().any(char::is_control) {
+                    return Err(de::Error::custom(format!(
+                        "the {} reference contains a control character",
+                        key.escape_debug()
+                    )));
+                }
                 match key.as_str() {
                     "env" if !RESOLVE_SECRETS.with(|r| r.get()) => Ok(Secret {
                         origin: SecretOrigin::Env(arg),
@@ -321,8 +371,13 @@ fn read_file(arg: &str) -> Result<Secret, String> {
     }
     let path = resolve(arg);
     let shown = path.display();
-    let file =
-        std::fs::File::open(&path).map_err(|e| format!("cannot read secret file {shown}: {e}"))?;
+    // Non-blocking, so that a FIFO (or another special file) is refused below instead of
+    // hanging in open(2), where not even SIGTERM gets through; regular files ignore the flag.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&path)
+        .map_err(|e| format!("cannot read secret file {shown}: {e}"))?;
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot stat secret file {shown}: {e}"))?;
@@ -489,9 +544,12 @@ validated_string!(
         let rest = v.strip_prefix("https://").or_else(|| v.strip_prefix("http://"));
         let ok = rest.is_some_and(|r| {
             let host = r.split('/').next().unwrap_or("");
+            // Brackets only around an IPv6 literal host (`https://[::1]:9000`); the rest of the
+            // URL obeys the same rules as any other.
+            let ipv6 = host.starts_with('[') && (host.ends_with(']') || host.contains("]:"));
+            let r = if ipv6 { r.replacen('[', "", 1).replacen(']', "", 1) } else { r.to_string() };
             !host.is_empty()
                 && r.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\'' | b'\\' | b'[' | b']' | b'<' | b'>' | b'`' | b'{' | b'}'))
-                || host.starts_with('[') // IPv6 literal
         });
         if ok { Ok(()) } else {
             Err(format!("`{}` must be an http:// or https:// URL without spaces", v.escape_debug()))
@@ -571,6 +629,38 @@ impl<'de> Deserialize<'de> for OptionValue {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// `options:`. A key given twice is an error: a map would silently keep the last one, so a
+/// second `acl:` further down could override the first unseen.
+#[derive(Default)]
+struct Options(BTreeMap<OptionKey, OptionValue>);
+
+impl<'de> Deserialize<'de> for Options {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Options;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping of rclone backend options")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Options, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(key) = map.next_key::<OptionKey>()? {
+                    let value: OptionValue = map.next_value()?;
+                    if out.contains_key(&key) {
+                        return Err(de::Error::custom(format!(
+                            "option `{}` is set twice",
+                            key.0
+                        )));
+                    }
+                    out.insert(key, value);
+                }
+                Ok(Options(out))
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 
@@ -685,7 +775,7 @@ struct RawSide {
     access_key_id: Option<Secret>,
     secret_access_key: Option<Secret>,
     #[serde(default)]
-    options: BTreeMap<OptionKey, OptionValue>,
+    options: Options,
     bucket: Option<BucketName>,
     prefix: Option<Prefix>,
     path: Option<PathStr>,
@@ -1080,7 +1170,7 @@ checked_map!(DestinationSide, RawSide, |r| side_from_raw(r, true)
 
 fn side_from_raw(raw: RawSide, is_destination: bool) -> Result<Side, String> {
     let options: BTreeMap<String, String> =
-        raw.options.into_iter().map(|(k, v)| (k.0, v.0)).collect();
+        raw.options.0.into_iter().map(|(k, v)| (k.0, v.0)).collect();
     let unexpected = |field: &str, present: bool, kind: &str| -> Result<(), String> {
         if present {
             Err(format!("field `{field}` is not allowed for type {kind}"))
@@ -1124,6 +1214,9 @@ fn side_from_raw(raw: RawSide, is_destination: bool) -> Result<Side, String> {
                 ("secret_access_key", raw.secret_access_key.is_some()),
                 ("bucket", raw.bucket.is_some()),
                 ("prefix", raw.prefix.is_some()),
+                // A local side is rendered as an alias remote, which has no place for them:
+                // refused rather than silently dropped.
+                ("options", !options.is_empty()),
             ] {
                 unexpected(f, p, "local")?;
             }
@@ -1275,6 +1368,126 @@ mod tests {
             ),
         );
         assert!(err(&bomb).contains("t.yaml:"));
+    }
+
+    /// Found by tests/fuzz_policy.rs: keys and secret paths from the file reached error
+    /// messages raw, escape sequences included.
+    #[test]
+    fn control_characters_in_messages_are_escaped() {
+        for (from, to, want) in [
+            (
+                "buckets: [one]",
+                "buckets: [one]\nguards: {\"\\e[2J\\rx\": 1}",
+                "guards.\\u{1b}[2J\\rx: unknown field",
+            ),
+            (
+                "path: /a}",
+                "path: /a, options: {\"a\\x07\": 1}}",
+                "option name `a\\u{7}` must be",
+            ),
+        ] {
+            let e = err(&LOCAL.replace(from, to));
+            assert!(!e.chars().any(char::is_control), "{e:?}");
+            assert!(e.contains(want), "{e}");
+        }
+        let e = err(&LOCAL.replace(
+            "password: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "password: {file: \"x\\r\\e[2Jy\"}",
+        ));
+        assert!(
+            e.contains("encryption.password: the file reference contains a control character"),
+            "{e}"
+        );
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+    }
+
+    /// Found while writing tests/fuzz_policy.rs: an IPv6 host skipped every other check of
+    /// the URL (`||` bound looser than intended).
+    #[test]
+    fn ipv6_endpoints_are_checked_like_others() {
+        let with = |ep: &str| {
+            LOCAL.replace(
+                "source: {type: local, path: /a}",
+                &format!("source: {{type: s3, endpoint: \"{ep}\", access_key_id: a, secret_access_key: b}}"),
+            )
+        };
+        for ok in ["https://[::1]:9000", "https://[fd00::1]/x", "http://[::1]"] {
+            p(&with(ok)).unwrap_or_else(|e| panic!("{ok}: {e:#}"));
+        }
+        for bad in [
+            "https://[::1] x",
+            "https://[::1]/a b",
+            "https://[::1]/\\u00a0",
+            "https://[::1]/[x]",
+            "https://[x/]",
+        ] {
+            assert!(err(&with(bad)).contains("source.endpoint"), "{bad}");
+        }
+    }
+
+    /// Found by tests/hostile_policy.rs: a FIFO as a secret file blocked `check` in open(2),
+    /// deaf to SIGTERM.
+    #[test]
+    fn a_fifo_secret_is_refused_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pw");
+        nix::unistd::mkfifo(
+            &fifo,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .unwrap();
+        let e = format!(
+            "{:#}",
+            parse(
+                "t.yaml",
+                LOCAL
+                    .replace(
+                        "password: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                        "password: {file: pw}",
+                    )
+                    .as_bytes(),
+                dir.path(),
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("is not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn local_options_are_refused_not_dropped() {
+        let e = err(&LOCAL.replace("path: /a}", "path: /a, options: {copy_links: true}}"));
+        assert!(
+            e.contains("t.yaml:3:9: source.options: is not allowed for type local"),
+            "{e}"
+        );
+        p(&LOCAL.replace("path: /a}", "path: /a, options: {}}")).unwrap();
+    }
+
+    /// Found by tests/hostile_policy.rs: the second of two equal `options:` keys won silently.
+    #[test]
+    fn a_duplicate_option_is_refused() {
+        let s3 = "source: {type: s3, endpoint: \"https://a\", access_key_id: a, secret_access_key: b, options: {acl: private, acl: public-read}}";
+        let e = err(&LOCAL.replace("source: {type: local, path: /a}", s3));
+        assert!(
+            e.contains("source.options: option `acl` is set twice"),
+            "{e}"
+        );
+    }
+
+    /// Found by tests/hostile_policy.rs: deep `[[[..` took quadratic time in libyaml's scanner.
+    #[test]
+    fn deep_flow_nesting_is_refused_at_once() {
+        let start = std::time::Instant::now();
+        let n = 400_000;
+        let bomb = format!("buckets: {}{}", "[".repeat(n), "]".repeat(n));
+        let e = err(&LOCAL.replace("buckets: [one]", &bomb));
+        assert!(
+            e.starts_with("t.yaml:8:74: `[`/`{` nested more than 64 deep"),
+            "{e}"
+        );
+        assert!(start.elapsed().as_secs() < 2);
+        // Balanced brackets in strings and ordinary flow maps are fine.
+        p(&LOCAL.replace("path: /a}", "path: \"/a[b]{c}\"}")).unwrap();
     }
 
     #[test]

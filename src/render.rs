@@ -96,7 +96,31 @@ fn ini_value(field: &str, v: &str) -> anyhow::Result<String> {
             format!("{field}: value cannot be written safely into rclone.conf (empty, control character, surrounding blanks or quotes)"),
         ));
     }
+    if has_var_ref(v) {
+        return Err(fail(
+            Code::Invalid,
+            format!("{field}: value contains `%(name)s`, which rclone's config reader replaces with the value of key `name`; it cannot be written into rclone.conf"),
+        ));
+    }
     Ok(v.to_string())
+}
+
+/// rclone reads rclone.conf with goconfig, whose `GetValue` replaces every match of
+/// `%\(([^)]+)\)s` with the value of that key (of the same section, or "" if none), with no
+/// escape (observed on 1.60.1 and 1.75.2 with `rclone config dump`). Such a value is not what
+/// the policy says, and could copy one key's value (a secret) into another.
+fn has_var_ref(v: &str) -> bool {
+    let mut rest = v;
+    while let Some(start) = rest.find("%(") {
+        let after = &rest[start + 2..];
+        if let Some(close) = after.find(')') {
+            if close > 0 && after[close + 1..].starts_with('s') {
+                return true;
+            }
+        }
+        rest = &rest[start + 1..];
+    }
+    false
 }
 
 fn side_lines(field: &str, side: &Side, mode: &Secrets) -> anyhow::Result<Vec<(String, String)>> {
@@ -419,5 +443,48 @@ filename_encoding = base32
                 .insert("acl".into(), "private\n[evil]\ntype = local".into());
         }
         assert!(render(&p, &Secrets::Redacted).is_err());
+    }
+
+    /// Found by tests/fuzz_policy.rs: rclone expands `%(key)s` in config values.
+    #[test]
+    fn variable_references_are_refused() {
+        for evil in [
+            "%(secret_access_key)s",
+            "a%(type)sb",
+            "%((type)s",
+            "%(%(x)s",
+            "x %(a b)s",
+        ] {
+            assert!(has_var_ref(evil), "{evil}");
+            let e = ini_value("source.options.acl", evil).unwrap_err();
+            assert_eq!(crate::exit::code_of(&e), Code::Invalid);
+            assert!(
+                format!("{e:#}").starts_with("source.options.acl: "),
+                "{e:#}"
+            );
+        }
+        // What goconfig leaves alone.
+        for fine in [
+            "100%",
+            "%()s",
+            "%(type) s",
+            "%(type)S",
+            "%(type",
+            "(x)s",
+            "50%(x",
+        ] {
+            assert!(!has_var_ref(fine), "{fine}");
+            assert!(ini_value("f", fine).is_ok(), "{fine}");
+        }
+        let mut p = policy("");
+        if let Side::S3(s) = &mut p.destination {
+            s.options
+                .insert("acl".into(), "%(secret_access_key)s".into());
+        }
+        let e = render(&p, &Secrets::Real).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("destination.options.acl: "),
+            "{e:#}"
+        );
     }
 }
