@@ -86,7 +86,48 @@ const FORBIDDEN: &[(&str, &str)] = &[
         "is managed by offsite (guards.max_delete_percent)",
     ),
     ("--password-command", "is managed by offsite"),
+    // Backend flags apply to every remote of their type, so an S3 connection flag would point
+    // source AND destination at one endpoint or one set of keys; the key flags also put a
+    // secret in argv. Not in policy.md's list: offsite's own addition (docs/policy.md).
+    (
+        "--s3-endpoint",
+        "overrides source.endpoint and destination.endpoint at once",
+    ),
+    ("--s3-region", "overrides both sides' region"),
+    ("--s3-provider", "overrides both sides' provider"),
+    (
+        "--s3-access-key-id",
+        "overrides both sides' keys (and puts them in argv)",
+    ),
+    (
+        "--s3-secret-access-key",
+        "overrides both sides' keys (and puts them in argv)",
+    ),
+    ("--s3-session-token", "puts a credential in argv"),
+    (
+        "--s3-env-auth",
+        "takes credentials from the environment instead of the policy",
+    ),
+    (
+        "--s3-profile",
+        "takes credentials from a shared profile instead of the policy",
+    ),
+    (
+        "--s3-shared-credentials-file",
+        "takes credentials from a file instead of the policy",
+    ),
+    ("--s3-sse-customer-key", "puts an encryption key in argv"),
+    (
+        "--s3-sse-customer-key-base64",
+        "puts an encryption key in argv",
+    ),
 ];
+
+/// Every `--crypt-*` flag overrides the crypt remote offsite renders from `encryption:` (its
+/// remote, encodings, suffix, key): all of it is offsite's. The one exception only adds
+/// checking (rclone >= 1.66: names that do not decrypt are errors, not skipped).
+const CRYPT_PREFIX: &str = "--crypt-";
+const CRYPT_ALLOWED: &[&str] = &["--crypt-strict-names"];
 
 /// Why `flag` is forbidden, if it is. Handles `--flag`, `--flag=value`, the short forms
 /// `-M` (metadata) and `-c` (checksum), `-vv`/`-vvv`, and `--log-level DEBUG` / `=DEBUG`
@@ -97,6 +138,9 @@ pub fn forbidden_flag(flag: &str, next: Option<&str>) -> Option<&'static str> {
     let name = name.replace('_', "-").to_ascii_lowercase();
     if let Some((_, why)) = FORBIDDEN.iter().find(|(f, _)| *f == name) {
         return Some(why);
+    }
+    if name.starts_with(CRYPT_PREFIX) && !CRYPT_ALLOWED.contains(&name.as_str()) {
+        return Some("overrides the crypt remote that offsite renders from encryption:");
     }
     if let Some(shorts) = flag.strip_prefix('-').filter(|s| !s.starts_with('-')) {
         // Combined short flags: `-Mv`, `-cv`, `-vv`.
@@ -358,6 +402,12 @@ mod tests {
             "--backup_dir=x",
             "--log-level=DEBUG",
             "--crypt-password=abc",
+            "--crypt-remote=destination:other",
+            "--crypt-filename-encoding=base64",
+            "--crypt_suffix=.bin",
+            "--s3-endpoint=http://elsewhere",
+            "--s3-env-auth",
+            "--S3-Secret-Access-Key=x",
         ] {
             assert!(forbidden_flag(f, None).is_some(), "{f} should be forbidden");
         }
@@ -368,6 +418,8 @@ mod tests {
             "--retries=5",
             "--log-level=INFO",
             "--check-first",
+            "--crypt-strict-names",
+            "--s3-upload-concurrency=8",
         ] {
             assert!(forbidden_flag(f, None).is_none(), "{f} should be allowed");
         }
