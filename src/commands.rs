@@ -676,7 +676,16 @@ pub fn verify_buckets(
     changed: &(dyn Fn(&str) -> Option<Vec<String>> + Sync),
 ) -> Vec<(String, anyhow::Result<verify::Verified>)> {
     let verify::Settings { mode, seed, show } = *settings;
-    let workers = (policy.sync.parallel_buckets.0 as usize).clamp(1, buckets.len().max(1));
+    // A full check reads every object, so it keeps to `parallel_buckets` like the sync. A
+    // changed-only or sampled check reads few objects per bucket and its time is mostly rclone
+    // start-up and listing: up to 4 buckets at once.
+    let parallel = policy.sync.parallel_buckets.0 as usize;
+    let parallel = if mode == verify::Mode::Full {
+        parallel
+    } else {
+        parallel.max(4)
+    };
+    let workers = parallel.clamp(1, buckets.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let out: std::sync::Mutex<Vec<Option<anyhow::Result<verify::Verified>>>> =
         std::sync::Mutex::new((0..buckets.len()).map(|_| None).collect());
@@ -797,26 +806,39 @@ pub fn verify_cmd(cli: &Cli, ctx: &Ctx, args: &crate::cli::VerifyArgs) -> anyhow
     let (policy, findings) = load_compliant(cli, ctx)?;
     let rclone = Rclone::probe(cli.rclone.as_deref())?;
     let config = PrivateConfig::new(&policy)?;
-    let (canary_ok, canary_detail) = guards::canary_status(&rclone, config.path(), &policy)?;
+    let mode = args.mode.unwrap_or(match policy.verify.after_sync {
+        crate::policy::VerifyMode::Changed => verify::Mode::Changed,
+        crate::policy::VerifyMode::Sample => verify::Mode::Sample,
+        _ => verify::Mode::Full,
+    });
+    // The canary and (for changed mode) the state are read at once: both are read-only, and
+    // for a changed-only check these two rclone starts are most of its cost. With a wrong key
+    // the state reads as absent and the canary refuses anyway.
+    let (canary, state) = std::thread::scope(|s| {
+        let state = s.spawn(|| {
+            if mode == verify::Mode::Changed {
+                read_state(&rclone, &config)
+            } else {
+                Ok(None)
+            }
+        });
+        let canary = guards::canary_status(&rclone, config.path(), &policy);
+        let state = state
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: state reader panicked")));
+        (canary, state)
+    });
+    let (canary_ok, canary_detail) = canary?;
     if !canary_ok {
         return Err(fail(
             Code::GuardRefused,
             format!("key canary: {canary_detail}; nothing was verified"),
         ));
     }
+    let state = state?;
     let buckets = sync::resolve_buckets(&policy, &args.buckets, || {
         sync::discover_source_buckets(&rclone, config.path())
     })?;
-    let mode = args.mode.unwrap_or(match policy.verify.after_sync {
-        crate::policy::VerifyMode::Changed => verify::Mode::Changed,
-        crate::policy::VerifyMode::Sample => verify::Mode::Sample,
-        _ => verify::Mode::Full,
-    });
-    let state = if mode == verify::Mode::Changed {
-        read_state(&rclone, &config)?
-    } else {
-        None
-    };
     let changed = |b: &str| -> Option<Vec<String>> {
         let bs = state.as_ref()?.buckets.get(b)?;
         (!bs.changed_truncated).then(|| bs.changed_objects.clone())
