@@ -108,13 +108,28 @@ fn inherited_ca_bundle() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// How the files an rclone run creates on the local disk are permitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Files {
+    /// umask 077: what offsite's own runs download into its private directory (the decrypted
+    /// canary, lease and state, which names objects) is 0600 in its own right, not only
+    /// behind the 0700 directory.
+    Private,
+    /// The caller's umask: a restore into a directory writes the admin's files.
+    UserUmask,
+}
+
 /// The base expression for every rclone run: explicit argv, scrubbed environment, and the
 /// child bound to offsite's life.
 fn command(program: &Path, args: &[OsString]) -> duct::Expression {
+    command_with(program, args, Files::Private)
+}
+
+fn command_with(program: &Path, args: &[OsString], files: Files) -> duct::Expression {
     duct::cmd(program, args)
         .full_env(child_env())
-        .before_spawn(|cmd| {
-            die_with_parent(cmd);
+        .before_spawn(move |cmd| {
+            die_with_parent(cmd, files);
             Ok(())
         })
 }
@@ -122,13 +137,18 @@ fn command(program: &Path, args: &[OsString]) -> duct::Expression {
 /// Ask the kernel to SIGKILL rclone if offsite dies without stopping it (SIGKILL, OOM kill).
 /// Without this an orphaned rclone would go on writing to the secondary after the run's lock
 /// lease expired, next to the next run.
+/// Also sets the child's umask ([`Files`]).
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut std::process::Command) {
+fn die_with_parent(cmd: &mut std::process::Command, files: Files) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only makes the prctl(2)
-    // system call, which is async-signal-safe; it allocates nothing and takes no lock.
+    // SAFETY: the closure runs in the forked child before exec and only makes the prctl(2) and
+    // umask(2) system calls, which are async-signal-safe; it allocates nothing and takes no
+    // lock.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            if files == Files::Private {
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+            }
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(std::io::Error::from)
         });
@@ -240,10 +260,20 @@ impl Rclone {
     pub fn stream(
         &self,
         args: &[OsString],
+        on_line: impl FnMut(&[u8]),
+    ) -> anyhow::Result<Option<i32>> {
+        self.stream_with(args, Files::Private, on_line)
+    }
+
+    /// [`Rclone::stream`], choosing how the files rclone creates are permitted.
+    pub fn stream_with(
+        &self,
+        args: &[OsString],
+        files: Files,
         mut on_line: impl FnMut(&[u8]),
     ) -> anyhow::Result<Option<i32>> {
         crate::signals::check()?;
-        let reader = command(&self.path, args)
+        let reader = command_with(&self.path, args, files)
             .stdin_null()
             .stderr_to_stdout()
             .unchecked()

@@ -309,6 +309,33 @@ impl PrivateConfig {
     pub fn scratch(&self) -> &Path {
         self._dir.path()
     }
+
+    /// A fresh subdirectory of [`PrivateConfig::scratch`], mode 0700 like its parent (rclone
+    /// downloads decrypted `.offsite/` records into these).
+    pub fn scratch_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self._dir.path().join(name);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+}
+
+/// Write a scratch file in the private directory (object lists, records for the secondary),
+/// mode 0600 whatever the umask: they name objects. Replaces an existing file.
+pub fn write_scratch(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Remove private directories left by offsite processes that no longer exist (only SIGKILL

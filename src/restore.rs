@@ -41,7 +41,7 @@ use crate::exit::{fail, Code};
 use crate::guards::{self, Decision};
 use crate::policy::{Policy, Side};
 use crate::progress::{BucketProgress, Progress};
-use crate::rclone::{FirstLine, Rclone};
+use crate::rclone::{Files, FirstLine, Rclone};
 use crate::render::PrivateConfig;
 use crate::report::{self, Document};
 
@@ -839,7 +839,8 @@ fn restore_one(job: &Job, plan: &Plan, bar: &BucketProgress) -> Restored {
     );
     let mut counts = BucketCounts::default();
     let mut failed: Vec<String> = Vec::new();
-    let streamed = job.rclone.stream(&args, |raw| {
+    // The restored files are the admin's: the usual umask, not offsite's private one.
+    let streamed = job.rclone.stream_with(&args, Files::UserUmask, |raw| {
         let line = events::parse_line(raw);
         counts.observe(&line);
         if let Line::Json(ev) = &line {
@@ -980,7 +981,7 @@ fn replica_sizes(job: &Job, from: &str, objects: &[String]) -> anyhow::Result<u6
         .join(format!("restored-{}.txt", N.fetch_add(1, Ordering::SeqCst)));
     let mut text = objects.join("\n");
     text.push('\n');
-    std::fs::write(&list, text)?;
+    crate::render::write_scratch(&list, text.as_bytes())?;
     let mut args = job.rclone.meta_args(job.config.path());
     for x in [
         "lsjson",

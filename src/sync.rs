@@ -303,7 +303,7 @@ fn sync_one(job: &Job, plan: &BucketPlan, bar: &BucketProgress) -> (BucketResult
         if counts.max_delete_reached {
             result.error = Some(format!(
                 "delete-storm breaker: this run may delete at most {} replica object(s) (guards.max_delete_percent); rclone stopped deleting after that. Check why so many objects vanished from the source",
-                plan.max_delete.unwrap_or(0)
+                plan.delete_limit.unwrap_or(0)
             ));
         }
     }
@@ -347,7 +347,7 @@ fn source_sizes(job: &Job, bucket: &str, objects: &[String]) -> anyhow::Result<u
     let list = dir.join(format!("copied-{bucket}.txt"));
     let mut text = objects.join("\n");
     text.push('\n');
-    std::fs::write(&list, text)?;
+    crate::render::write_scratch(&list, text.as_bytes())?;
     let mut args = job.rclone.meta_args(job.config);
     args.extend(
         [

@@ -115,7 +115,7 @@ fn write_list(r: &Request, name: &str, items: &[String]) -> anyhow::Result<std::
         .join(format!("{name}-{}.txt", r.bucket.name));
     let mut text = items.join("\n");
     text.push('\n');
-    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+    crate::render::write_scratch(&p, text.as_bytes())?;
     Ok(p)
 }
 
