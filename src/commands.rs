@@ -100,14 +100,27 @@ pub fn plan(cli: &Cli, ctx: &Ctx) -> anyhow::Result<Done> {
         let plan = crate::guards::BucketPlan {
             spec: b.clone(),
             skip: None,
+            delete_limit: None,
             max_delete: None,
             backup_dir: (g.keep_deleted_days.0 > 0)
                 .then(|| format!("offsite:deleted/<run-id>/{}", b.name)),
         };
         let mut argv = sync::sync_argv(&policy, global.clone(), &plan, false);
         if g.max_delete_percent.0 < 100 {
+            let weight = guards::delete_weight(&policy, plan.backup_dir.is_some());
+            let times = if weight > 1 {
+                format!(" x {weight}")
+            } else {
+                String::new()
+            };
             argv.push("--max-delete".into());
-            argv.push(format!("<{}% of the replica's objects>", g.max_delete_percent.0).into());
+            argv.push(
+                format!(
+                    "<{}% of the replica's objects{times}>",
+                    g.max_delete_percent.0
+                )
+                .into(),
+            );
         }
         commands.push(display_argv(&program, &argv));
     }
@@ -488,12 +501,24 @@ fn replicate(
             }
         }
     }
-    guarded.finish(&outcomes)?;
+    // Writing the state also releases the lease. When that fails (the secondary went away
+    // mid-run) the run fails (exit 5), but the document keeps every bucket's result; verify
+    // and prune need the secondary too and are skipped.
+    let mut run_errors: Vec<String> = Vec::new();
+    let mut extra_codes: Vec<Code> = Vec::new();
+    if let Err(e) = guarded.finish(&outcomes) {
+        crate::signals::check()?;
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("offsite {command}: error: {msg}");
+        extra_codes.push(crate::exit::code_of(&e));
+        run_errors.push(msg);
+    }
+    let secondary_ok = run_errors.is_empty();
     // run: verify what this run synced (verify.after_sync), before pruning.
     let mut verified: std::collections::BTreeMap<String, Value> = Default::default();
     let mut verify_codes = Vec::new();
     let after = policy.verify.after_sync;
-    if prune && !args.dry_run && after != crate::policy::VerifyMode::None {
+    if prune && secondary_ok && !args.dry_run && after != crate::policy::VerifyMode::None {
         let mode = match after {
             crate::policy::VerifyMode::Sample => verify::Mode::Sample,
             crate::policy::VerifyMode::Full => verify::Mode::Full,
@@ -538,18 +563,34 @@ fn replicate(
         crate::signals::check()?;
     }
     let mut pruned = Vec::new();
-    if prune && policy.guards.keep_deleted_days.0 > 0 {
-        let (ids, d) = guards::prune(
+    if prune && secondary_ok && policy.guards.keep_deleted_days.0 > 0 {
+        match guards::prune(
             &rclone,
             config.path(),
             policy.guards.keep_deleted_days.0,
             args.dry_run,
-        )?;
-        pruned = ids;
-        decisions.extend(d);
+        ) {
+            Ok((ids, d)) => {
+                pruned = ids;
+                decisions.extend(d);
+            }
+            Err(e) => {
+                crate::signals::check()?;
+                let msg = format!("pruning deleted/: {e:#}").replace('\n', " ");
+                eprintln!("offsite {command}: error: {msg}");
+                extra_codes.push(crate::exit::code_of(&e));
+                run_errors.push(msg);
+            }
+        }
     }
     let results: Vec<_> = outcomes.into_iter().map(|(r, _)| r).collect();
-    let code = report::overall(results.iter().map(|r| r.code()).chain(verify_codes));
+    let code = report::overall(
+        results
+            .iter()
+            .map(|r| r.code())
+            .chain(verify_codes)
+            .chain(extra_codes),
+    );
     let changed = !args.dry_run
         && (results.iter().any(|r| r.copied > 0 || r.deleted > 0) || !pruned.is_empty());
     if !ctx.json && !ctx.quiet {
@@ -606,6 +647,9 @@ fn replicate(
         findings: &findings,
     };
     let mut doc = doc.to_json();
+    if !run_errors.is_empty() {
+        doc["error"] = json!(run_errors.join("; "));
+    }
     if prune {
         doc["pruned_generations"] = json!(pruned);
     }
@@ -739,8 +783,7 @@ pub fn verify_buckets(
 /// The changed objects per bucket recorded by the last syncs: `.offsite/state.json`, merged
 /// with the per-shard `state-shard-I-of-N.json` files (the newest entry of a bucket wins).
 fn read_state(rclone: &Rclone, config: &PrivateConfig) -> anyhow::Result<Option<guards::State>> {
-    let down = config.scratch().join("state-in");
-    std::fs::create_dir_all(&down)?;
+    let down = config.scratch_dir("state-in")?;
     let mut a = rclone.meta_args(config.path());
     a.extend(["copy", "offsite:.offsite"].map(OsString::from));
     a.push(down.clone().into());

@@ -126,6 +126,79 @@ pub struct Lease {
     pub expires_unix: u64,
     #[serde(default)]
     pub released: bool,
+    /// Where the owner's pid means something: the kernel's boot id and the owner's pid
+    /// namespace. With the host name they tell a later run on the same machine that the owner
+    /// is gone (see [`dead_local_owner`]). Absent in leases of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_ns: Option<String>,
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn pid_ns() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// The pid of a lease's owner when that owner ran on this machine (same host name, same boot,
+/// same pid namespace) and is no longer running. Such a lease is stale for certain: its run
+/// died without releasing it (SIGKILL, OOM kill, or the secondary was unreachable when it
+/// tried). Anything less certain (another host, an older lease without these fields, a pid
+/// that exists or that we may not signal) is None, and the lease is honoured until its TTL.
+fn dead_local_owner(l: &Lease) -> Option<u32> {
+    let (h, pid) = l.owner.rsplit_once(':')?;
+    let pid: i32 = pid.parse().ok().filter(|&p| p > 0)?;
+    let here = h == host() && l.boot_id.is_some() && l.boot_id == boot_id();
+    if !here || l.pid_ns.is_none() || l.pid_ns != pid_ns() {
+        return None;
+    }
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Err(nix::errno::Errno::ESRCH) => Some(pid as u32),
+        _ => None,
+    }
+}
+
+/// Refuse (exit 8) a valid lease of another run; a lease whose owner is certainly dead is
+/// taken over, which returns what to report.
+fn check_lease(policy: &Policy, l: &Lease, run_id: &str) -> anyhow::Result<Option<String>> {
+    let now = unix(SystemTime::now());
+    if l.released || l.expires_unix <= now || l.run_id == run_id {
+        return Ok(None);
+    }
+    if let Some(pid) = dead_local_owner(l) {
+        return Ok(Some(format!(
+            "the lease of run {} ({}, valid {} more s) belonged to pid {pid} on this machine, which no longer runs: taken over",
+            l.run_id,
+            l.owner,
+            l.expires_unix - now
+        )));
+    }
+    Err(fail(Code::Locked, format!(
+        "another offsite run holds the lock of policy {}: {} (run {}) since {}, lease valid for {} more s",
+        policy.name, l.owner, l.run_id, l.since, l.expires_unix - now
+    )))
+}
+
+/// How long a run waits after writing its lease before reading it back, and the longest its
+/// own read-then-write of the lease may take. `OFFSITE_LOCK_SETTLE_MS` overrides the default;
+/// it must be the same on every host that shares the secondary; 0 turns the check off (one
+/// scheduler only, see docs/guards.md).
+pub const DEFAULT_LOCK_SETTLE: Duration = Duration::from_secs(2);
+
+pub fn lock_settle() -> Duration {
+    std::env::var("OFFSITE_LOCK_SETTLE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_LOCK_SETTLE)
 }
 
 fn host() -> String {
@@ -205,8 +278,28 @@ pub struct BucketPlan {
     pub spec: BucketSpec,
     /// Set when the bucket must not be synced: its result, already decided.
     pub skip: Option<BucketResult>,
+    /// The delete-storm limit in replica objects (`max_delete_percent` of the replica).
+    pub delete_limit: Option<u64>,
+    /// What rclone gets as `--max-delete` for that limit: rclone counts differently from
+    /// objects (see [`delete_weight`]).
     pub max_delete: Option<u64>,
     pub backup_dir: Option<String>,
+}
+
+/// How many `--max-delete` counts one deleted replica object costs. Measured with 1.60.1 and
+/// 1.75.2 through crypt: plain deletes count 1; with `--backup-dir` a deletion is a move, and a
+/// destination without server-side move (S3 and the other object stores) does it as a
+/// server-side copy plus a delete, which rclone counts twice (the move, then its delete), while
+/// the move of an overwritten object's old version counts once. A local destination renames:
+/// 1 per deletion, 0 per overwrite. So with kept deletions on object storage the budget is
+/// doubled, or the configured limit would stop at half its objects and a bucket of under 20
+/// objects could never lose one (docs/guards.md).
+pub fn delete_weight(policy: &Policy, kept: bool) -> u64 {
+    if kept && !matches!(policy.destination, crate::policy::Side::Local { .. }) {
+        2
+    } else {
+        1
+    }
 }
 
 pub struct Options {
@@ -262,8 +355,7 @@ fn fetch(
     lease_name: &str,
     state_name: &str,
 ) -> anyhow::Result<Fetched> {
-    let down = config.scratch().join("remote-in");
-    std::fs::create_dir_all(&down)?;
+    let down = config.scratch_dir("remote-in")?;
     let lease_filter = format!("/{lease_name}");
     let state_filter = format!("/{state_name}");
     let out = rclone.output(
@@ -488,14 +580,9 @@ impl<'a> Guarded<'a> {
 
         // Remote lease.
         let ttl = lock_ttl();
-        let now = unix(SystemTime::now());
+        let mut taken_over = None;
         if let Some(l) = &fetched.lease {
-            if !l.released && l.expires_unix > now && l.run_id != run_id {
-                return Err(fail(Code::Locked, format!(
-                    "another offsite run holds the lock of policy {}: {} (run {}) since {}, lease valid for {} more s",
-                    policy.name, l.owner, l.run_id, l.since, l.expires_unix - now
-                )));
-            }
+            taken_over = check_lease(policy, l, run_id)?;
         }
         let mut guarded = Guarded {
             rclone,
@@ -516,9 +603,13 @@ impl<'a> Guarded<'a> {
             _local: local,
         };
         if !opts.dry_run {
-            guarded.write_lease(ttl)?;
-            guarded.lease_held = true;
+            guarded.take_lease(ttl)?;
             guarded.start_heartbeat(ttl);
+            if let Some(detail) = taken_over {
+                guarded
+                    .decisions
+                    .push(Decision::new("lock", None, "taken_over", detail));
+            }
             guarded.decisions.push(Decision::new(
                 "lock",
                 None,
@@ -548,6 +639,7 @@ impl<'a> Guarded<'a> {
             let mut plan = BucketPlan {
                 spec: b.clone(),
                 skip: None,
+                delete_limit: None,
                 max_delete: None,
                 backup_dir: (g.keep_deleted_days.0 > 0)
                     .then(|| format!("offsite:deleted/{run_id}/{name}")),
@@ -632,7 +724,9 @@ impl<'a> Guarded<'a> {
                     // At least one: otherwise a small bucket could never lose an object. The
                     // empty-source breaker covers the wholesale case.
                     let limit = (count * u64::from(g.max_delete_percent.0) / 100).max(1);
-                    plan.max_delete = Some(limit);
+                    plan.delete_limit = Some(limit);
+                    plan.max_delete =
+                        Some(limit * delete_weight(policy, plan.backup_dir.is_some()));
                 }
             }
             plans.push(plan);
@@ -649,7 +743,87 @@ impl<'a> Guarded<'a> {
             since_unix: unix(now),
             expires_unix: unix(now) + ttl.as_secs(),
             released,
+            boot_id: boot_id(),
+            pid_ns: pid_ns(),
         }
+    }
+
+    /// Take the lease. S3 has no create-if-absent that rclone exposes, so "read, then write"
+    /// alone lets two hosts that start together both see no lease and both write one (measured:
+    /// within ~150 ms of each other they always did; docs/reliability.md). Fischer's timed
+    /// mutual exclusion closes that window without comparing clocks across hosts: read the
+    /// lease, write ours, and if that read-to-write took at most SETTLE, wait SETTLE and read
+    /// it back: only the run whose write landed last finds its own run id and goes on; a
+    /// competitor whose read came before our write wrote within SETTLE of it, so we see it. A
+    /// slow read-to-write (a loaded machine) is tried again, up to three times.
+    fn take_lease(&mut self, ttl: Duration) -> anyhow::Result<()> {
+        let settle = lock_settle();
+        if settle.is_zero() {
+            self.write_lease(ttl)?;
+            self.lease_held = true;
+            return Ok(());
+        }
+        let mut slow = Duration::ZERO;
+        for _ in 0..3 {
+            let read_at = std::time::Instant::now();
+            if let Some(l) = self.read_lease()? {
+                // Ours (from a slow attempt) counts as free; a live run's is refused.
+                if l.run_id != self.run_id {
+                    check_lease(self.policy, &l, &self.run_id)?;
+                }
+            }
+            self.write_lease(ttl)?;
+            // From here a failure must release what we wrote (Drop does, for a held lease).
+            self.lease_held = true;
+            slow = read_at.elapsed();
+            if slow > settle {
+                continue;
+            }
+            std::thread::sleep(settle);
+            crate::signals::check()?;
+            return match self.read_lease()? {
+                Some(l) if l.run_id != self.run_id => {
+                    // Not ours to release: the other run's write landed last.
+                    self.lease_held = false;
+                    Err(fail(Code::Locked, format!(
+                        "another offsite run took the lock of policy {} at the same moment: {} (run {}) since {}; it replicates, this run stops",
+                        self.policy.name, l.owner, l.run_id, l.since
+                    )))
+                }
+                Some(_) => Ok(()),
+                None => Err(fail(
+                    Code::Failed,
+                    format!(
+                        "the lock lease .offsite/{} vanished right after it was written; is another tool writing under the crypt root?",
+                        self.lease_name
+                    ),
+                )),
+            };
+        }
+        // Release on the way out (Drop) only what is still ours.
+        self.lease_held = matches!(self.read_lease(), Ok(Some(l)) if l.run_id == self.run_id);
+        Err(fail(
+            Code::Locked,
+            format!(
+                "taking the lock lease of policy {} took {:.1} s, more than the {:.1} s settle time, three times: another host may hold it; try again later, or raise OFFSITE_LOCK_SETTLE_MS on every host",
+                self.policy.name,
+                slow.as_secs_f64(),
+                settle.as_secs_f64()
+            ),
+        ))
+    }
+
+    /// The lease as it is now on the secondary (None: absent or unreadable as a lease).
+    fn read_lease(&self) -> anyhow::Result<Option<Lease>> {
+        let target = format!("offsite:.offsite/{}", self.lease_name);
+        let out = self.rclone.output(
+            &args(self.rclone, self.config.path(), &["cat", &target]),
+            None,
+        )?;
+        if !out.status.success() {
+            return Err(storage_error("reading the lock lease failed", &out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout).ok())
     }
 
     fn write_lease(&self, ttl: Duration) -> anyhow::Result<()> {
@@ -758,15 +932,14 @@ impl<'a> Guarded<'a> {
         self.state.policy = self.policy.name.0.clone();
         self.state.run_id = self.run_id.clone();
         self.state.updated = rfc3339(now);
-        let up = self.config.scratch().join("remote-out");
-        std::fs::create_dir_all(&up)?;
-        std::fs::write(
-            up.join(&self.state_name),
-            serde_json::to_vec_pretty(&self.state)?,
+        let up = self.config.scratch_dir("remote-out")?;
+        crate::render::write_scratch(
+            &up.join(&self.state_name),
+            &serde_json::to_vec_pretty(&self.state)?,
         )?;
-        std::fs::write(
-            up.join(&self.lease_name),
-            serde_json::to_vec(&self.lease_doc(Duration::ZERO, true))?,
+        crate::render::write_scratch(
+            &up.join(&self.lease_name),
+            &serde_json::to_vec(&self.lease_doc(Duration::ZERO, true))?,
         )?;
         let out = self.rclone.output(
             &args(
