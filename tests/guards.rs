@@ -441,13 +441,16 @@ fn concurrent_runs_one_replicates_the_other_exits_8() {
     );
 }
 
+/// A run killed with SIGKILL leaves its lease behind. Another host honours it until its TTL
+/// (exit 8 naming the dead owner), then takes over; a run on the killed run's own machine
+/// takes over at once (tests/faults.rs `sigkill_of_offsite_mid_sync_leaves_it_safe_for_the_next_run`).
 #[test]
-fn a_killed_run_blocks_only_until_its_lease_expires() {
+fn a_killed_run_blocks_other_hosts_until_its_lease_expires() {
     let s = setup(1, "sync:\n  bwlimit: \"100k\"\n");
     let src = &s.b.sources[0];
     put(&format!("primary:{src}/slow.bin"), &vec![1u8; 800_000]);
     s.crypt(&["version"]);
-    let ttl = [("OFFSITE_LOCK_TTL_SECONDS", "4")];
+    let ttl = [("OFFSITE_LOCK_TTL_SECONDS", "8")];
     let mut first = spawn(&s, s.tmp.path(), &["run"], &ttl);
     wait_for_lease(&s);
     first.kill().unwrap(); // SIGKILL: no cleanup at all
@@ -464,17 +467,44 @@ fn a_killed_run_blocks_only_until_its_lease_expires() {
         .filter(|c| c.contains(&tmp) && c.contains(" sync "))
         .collect();
     assert!(orphans.is_empty(), "orphaned rclone: {orphans:?}");
-    // The local flock died with the process; the lease did not.
-    let o = s.run_env(&["run", "--output", "json"], &ttl);
-    if killed_at.elapsed() < Duration::from_secs(3) {
-        assert_eq!(o.code, 8, "{}", o.stderr);
-    }
-    // After the TTL the next run takes over and completes.
-    std::thread::sleep(Duration::from_secs(5));
-    let o = s.run_env(&["run", "--no-progress", "--output", "json"], &ttl);
+    // Another host sees a valid lease: refused, naming the dead owner.
+    let other_tmp = tempdir();
+    let other = |args: &[&str]| -> Out {
+        let out = offsite_on_host("other-host")
+            .arg("-c")
+            .arg(&s.policy)
+            .args(args)
+            .env("TMPDIR", other_tmp.path())
+            .envs(ttl)
+            .output()
+            .unwrap();
+        let o = Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
+        o
+    };
+    let o = other(&["run", "--output", "json"]);
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(7),
+        "too slow to test the TTL"
+    );
+    assert_eq!(o.code, 8, "{}", o.stderr);
+    assert!(o.stderr.contains("lease valid for"), "{}", o.stderr);
+    // After the TTL it takes over and completes.
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(killed_at.elapsed()));
+    let o = other(&["run", "--no-progress", "--output", "json"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(s.crypt_ls(&format!("offsite:data/{src}")), vec!["slow.bin"]);
-    // The killed run's private directory was cleaned up by the next run.
+    assert_eq!(
+        s.crypt_cat(&format!("offsite:data/{src}/slow.bin")),
+        vec![1u8; 800_000]
+    );
+    // The killed run's private directory is removed by the next run on its machine.
+    let o = s.run_env(&["sync", "--output", "json"], &ttl);
+    assert_eq!(o.code, 0, "{}", o.stderr);
     let left: Vec<_> = std::fs::read_dir(s.tmp.path())
         .unwrap()
         .flatten()
@@ -482,8 +512,4 @@ fn a_killed_run_blocks_only_until_its_lease_expires() {
         .filter(|n| n.starts_with("offsite-") && !n.ends_with(".lock"))
         .collect();
     assert!(left.is_empty(), "stale private dirs: {left:?}");
-    assert_eq!(
-        s.crypt_cat(&format!("offsite:data/{src}/slow.bin")),
-        vec![1u8; 800_000]
-    );
 }

@@ -31,6 +31,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
+pub mod garage;
 
 /// One Garage server as seen by an S3 client.
 #[derive(Debug, Clone)]
@@ -343,6 +344,19 @@ pub fn bucket_pair(n_sources: usize) -> Buckets {
 pub fn offsite() -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::new(env!("CARGO_BIN_EXE_offsite"));
     cmd.env("OFFSITE_RCLONE", &rig().rclone)
+        .env("RUST_BACKTRACE", "0");
+    cmd
+}
+
+/// `offsite` as if on another machine that shares the secondary: in a new UTS namespace
+/// (`unshare --uts`; the rig runs as root) with host name `host`. A lease knows its owner's
+/// machine by host name (with boot id and pid namespace, src/guards.rs), so to offsite this is
+/// a second host. Use it with a TMPDIR of its own, as another machine would have.
+pub fn offsite_on_host(host: &str) -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::new("unshare");
+    cmd.args(["--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\"", host])
+        .arg(env!("CARGO_BIN_EXE_offsite"))
+        .env("OFFSITE_RCLONE", &rig().rclone)
         .env("RUST_BACKTRACE", "0");
     cmd
 }
