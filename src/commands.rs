@@ -847,30 +847,36 @@ pub fn verify_cmd(cli: &Cli, ctx: &Ctx, args: &crate::cli::VerifyArgs) -> anyhow
     let started = SystemTime::now();
     let run_id = report::run_id(started);
     let (policy, findings) = load_compliant(cli, ctx)?;
-    let rclone = Rclone::probe(cli.rclone.as_deref())?;
+    let rclone_path = crate::rclone::locate(cli.rclone.as_deref())?;
     let config = PrivateConfig::new(&policy)?;
     let mode = args.mode.unwrap_or(match policy.verify.after_sync {
         crate::policy::VerifyMode::Changed => verify::Mode::Changed,
         crate::policy::VerifyMode::Sample => verify::Mode::Sample,
         _ => verify::Mode::Full,
     });
-    // The canary and (for changed mode) the state are read at once: both are read-only, and
-    // for a changed-only check these two rclone starts are most of its cost. With a wrong key
-    // the state reads as absent and the canary refuses anyway.
-    let (canary, state) = std::thread::scope(|s| {
+    // The version check (C013), the canary and (for changed mode) the state run at once: all
+    // three only read, and for a changed-only check these rclone starts are most of its cost.
+    // With a wrong key the state reads as absent and the canary refuses anyway; a version
+    // that is too old refuses before either result is used.
+    let early = Rclone::unchecked(rclone_path.clone());
+    let (probed, canary, state) = std::thread::scope(|s| {
+        let probed = s.spawn(|| Rclone::probe_at(rclone_path.clone()));
         let state = s.spawn(|| {
             if mode == verify::Mode::Changed {
-                read_state(&rclone, &config)
+                read_state(&early, &config)
             } else {
                 Ok(None)
             }
         });
-        let canary = guards::canary_status(&rclone, config.path(), &policy);
-        let state = state
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: state reader panicked")));
-        (canary, state)
+        let canary = guards::canary_status(&early, config.path(), &policy);
+        let panicked = || anyhow::anyhow!("internal error: a reader thread panicked");
+        (
+            probed.join().unwrap_or_else(|_| Err(panicked())),
+            canary,
+            state.join().unwrap_or_else(|_| Err(panicked())),
+        )
     });
+    let rclone = probed?;
     let (canary_ok, canary_detail) = canary?;
     if !canary_ok {
         return Err(fail(

@@ -158,7 +158,23 @@ fn die_with_parent(cmd: &mut std::process::Command, files: Files) {
 impl Rclone {
     /// Find rclone and check it runs and is new enough (C013, exit 7).
     pub fn probe(flag: Option<&Path>) -> anyhow::Result<Rclone> {
-        let path = locate(flag)?;
+        Rclone::probe_at(locate(flag)?)
+    }
+
+    /// rclone at `path` before its version is checked: only for read-only requests that run
+    /// while [`Rclone::probe_at`] checks it (each rclone start costs ~70-120 ms, and a
+    /// changed-only verify is a handful of them). Its `version` reads as the minimum.
+    pub fn unchecked(path: PathBuf) -> Rclone {
+        Rclone {
+            version_line: String::new(),
+            path,
+            version: MIN_VERSION,
+            ca_cert: inherited_ca_bundle(),
+        }
+    }
+
+    /// [`Rclone::probe`] of a located binary.
+    pub fn probe_at(path: PathBuf) -> anyhow::Result<Rclone> {
         let out = command(&path, &["version".into()])
             .stdin_null()
             .stdout_capture()

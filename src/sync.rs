@@ -279,7 +279,14 @@ fn sync_one(job: &Job, plan: &BucketPlan, bar: &BucketProgress) -> (BucketResult
     if code == Code::Ok && !counts.sizes_complete && counts.copied > 0 && !job.dry_run {
         // rclone < 1.63 logs copies without their size; ask the source for the sizes of just
         // the copied objects, so copied_bytes is plaintext bytes on every version.
-        if let Ok(bytes) = source_sizes(job, &name, &counts.changed_objects) {
+        // The bucket's size, from the sync's own stats (every source object was either
+        // checked or transferred).
+        let total = counts
+            .last_stats
+            .as_ref()
+            .map(|s| s.checks + s.transfers)
+            .unwrap_or(0);
+        if let Ok(bytes) = source_sizes(job, &name, &counts.changed_objects, total) {
             counts.copied_bytes = bytes;
         }
     }
@@ -339,15 +346,16 @@ pub fn relay_line(prefix: &str, quiet: bool, verbose: u8, bucket: &str, line: &L
     }
 }
 
-/// Sum of the source sizes of `objects` in `bucket` (rclone < 1.63 fallback).
-fn source_sizes(job: &Job, bucket: &str, objects: &[String]) -> anyhow::Result<u64> {
+/// Sum of the source sizes of `objects` in `bucket` (rclone < 1.63 fallback). When they are
+/// at least 1 % of the bucket's `total` objects, one listing of the whole bucket (1,000 objects
+/// per request on S3) is cheaper than looking each up (1,000 copied objects: 0.12 s against
+/// 0.88 s, rclone 1.60.1 on Garage); for a few objects of a big bucket it is the other way round.
+fn source_sizes(job: &Job, bucket: &str, objects: &[String], total: u64) -> anyhow::Result<u64> {
+    let whole = objects.len() as u64 * 100 >= total;
     let dir = Path::new(job.config)
         .parent()
         .context("config has no directory")?;
     let list = dir.join(format!("copied-{bucket}.txt"));
-    let mut text = objects.join("\n");
-    text.push('\n');
-    crate::render::write_scratch(&list, text.as_bytes())?;
     let mut args = job.rclone.meta_args(job.config);
     args.extend(
         [
@@ -356,23 +364,35 @@ fn source_sizes(job: &Job, bucket: &str, objects: &[String]) -> anyhow::Result<u
             "--files-only",
             "--no-mimetype",
             "--no-modtime",
-            "--files-from-raw",
         ]
         .iter()
         .map(OsString::from),
     );
-    args.push(list.clone().into());
+    if !whole {
+        let mut text = objects.join("\n");
+        text.push('\n');
+        crate::render::write_scratch(&list, text.as_bytes())?;
+        args.extend(["--no-traverse", "--files-from-raw"].map(OsString::from));
+        args.push(list.clone().into());
+    }
     args.push(format!("source:{bucket}").into());
     let out = job.rclone.output(&args, None);
     let _ = std::fs::remove_file(&list);
     let out = out?;
     #[derive(serde::Deserialize)]
     struct Entry {
+        #[serde(rename = "Path")]
+        path: String,
         #[serde(rename = "Size")]
         size: i64,
     }
     let entries: Vec<Entry> = serde_json::from_slice(&out.stdout)?;
-    Ok(entries.iter().map(|e| e.size.max(0) as u64).sum())
+    let wanted: std::collections::HashSet<&str> = objects.iter().map(String::as_str).collect();
+    Ok(entries
+        .iter()
+        .filter(|e| wanted.contains(e.path.as_str()))
+        .map(|e| e.size.max(0) as u64)
+        .sum())
 }
 
 #[cfg(test)]

@@ -273,6 +273,39 @@ fn sync_replicates_only_ciphertext() {
     }
 }
 
+/// `copied_bytes` is plaintext bytes also when few objects of a larger bucket change (rclone
+/// < 1.63 logs copies without sizes; offsite then looks the copied objects up one by one
+/// instead of listing the bucket).
+#[test]
+fn copied_bytes_of_a_small_change_in_a_larger_bucket() {
+    let s = setup(1, "");
+    let src = &s.b.sources[0];
+    let local = tempdir();
+    for i in 0..150 {
+        let p = local.path().join(format!("d{}/o{i:03}.txt", i % 5));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("object {i:03}")).unwrap();
+    }
+    rclone_ok(&[
+        "copy",
+        local.path().to_str().unwrap(),
+        &format!("primary:{src}"),
+    ]);
+    let o = run(&s.policy, s.tmp.path(), &["sync", "--output", "json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(bucket(&o.json(), src)["copied_bytes"], 150 * 10);
+    std::thread::sleep(Duration::from_millis(1100));
+    put(&format!("primary:{src}/d2/o007.txt"), b"seventeen bytes!!");
+    let o = run(&s.policy, s.tmp.path(), &["sync", "--output", "json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let b = bucket(&o.json(), src).clone();
+    assert_eq!(
+        (b["copied"].clone(), b["copied_bytes"].clone()),
+        (1.into(), 17.into()),
+        "{b}"
+    );
+}
+
 #[test]
 fn resync_is_a_noop_and_changes_propagate() {
     let s = setup(1, "guards:\n  max_delete_percent: 100\n");
