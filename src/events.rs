@@ -43,10 +43,6 @@
 //!   `2026/12/03 19:35:55 Fatal error: unknown flag: --x` (1.60, exit 1) or `... NOTICE: Fatal
 //!   error: unknown flag: --x` (1.75, exit 2).
 
-// The rclone module (the caller) is being written concurrently; until it uses every item here,
-// unused items would fail `clippy -D warnings`.
-#![allow(dead_code)]
-
 use std::fmt;
 use std::io::{self, BufRead};
 use std::sync::OnceLock;

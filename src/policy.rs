@@ -37,7 +37,6 @@ pub fn load(path: &Path) -> anyhow::Result<Policy> {
 /// origin (values empty). For commands that describe a deployment elsewhere (`manifest`),
 /// where the secret files and variables exist only inside the pod. Never use the result to
 /// run rclone.
-#[allow(dead_code)] // used by `manifest` (issue 7, in progress)
 pub fn load_unresolved(path: &Path) -> anyhow::Result<Policy> {
     load_with(path, false)
 }
@@ -1117,12 +1116,8 @@ pub struct Policy {
     pub buckets: BucketsSpec,
     pub sync: SyncOpts,
     pub guards: Guards,
-    // Read by verify and reporting (issues 5 and 7); parsed and validated now so a policy
-    // written today keeps working.
-    #[allow(dead_code)]
     pub verify: VerifyOpts,
     pub compliance: ComplianceOpts,
-    #[allow(dead_code)]
     pub reporting: Reporting,
 }
 
