@@ -12,8 +12,8 @@
 //!   replica count comes from `.offsite/state.json`, so it costs no listing when state exists.
 //! - **Kept deletions**: `--backup-dir offsite:deleted/<run-id>/<bucket>`; [`prune`] removes
 //!   generations older than `keep_deleted_days`.
-//! - **Run lock**: a local `flock` (one host) plus a lease object `.offsite/lock` with a TTL
-//!   (hosts sharing the secondary). See docs/guards.md for the semantics and the provider
+//! - **Run lock**: a local `flock` (one host) plus lease objects in `.offsite/leases/` with a
+//!   TTL (hosts sharing the secondary). See docs/guards.md for the semantics and the provider
 //!   assumptions.
 //!
 //! Round trips are what a no-change run pays for the guards, so they are batched: one
@@ -126,6 +126,10 @@ pub struct Lease {
     pub expires_unix: u64,
     #[serde(default)]
     pub released: bool,
+    /// Set once the run has won the lock (see [`Guarded::take_lease`]); before that the lease
+    /// is a candidate that may still back off.
+    #[serde(default)]
+    pub held: bool,
     /// Where the owner's pid means something: the kernel's boot id and the owner's pid
     /// namespace. With the host name they tell a later run on the same machine that the owner
     /// is gone (see [`dead_local_owner`]). Absent in leases of older versions.
@@ -166,39 +170,90 @@ fn dead_local_owner(l: &Lease) -> Option<u32> {
     }
 }
 
-/// Refuse (exit 8) a valid lease of another run; a lease whose owner is certainly dead is
-/// taken over, which returns what to report.
-fn check_lease(policy: &Policy, l: &Lease, run_id: &str) -> anyhow::Result<Option<String>> {
+/// One object under `.offsite/leases*/`, as a run finds it.
+struct SeenLease {
+    name: String,
+    lease: Option<Lease>,
+    /// The object's modification time (the writer's clock), for an object that does not parse.
+    mtime: Option<SystemTime>,
+}
+
+/// What a lease object means to the run looking at it.
+enum Kind {
+    Own,
+    /// Released, expired, or its owner certainly died (the detail says so: taken over).
+    Stale(Option<String>),
+    /// Released by its run: it held the lock and has ended.
+    Released,
+    /// Another run won the lock and holds it.
+    Held(Lease),
+    /// Another run is taking the lock right now (or an unreadable object younger than the TTL).
+    Candidate,
+}
+
+fn classify(s: &SeenLease, own: &str, ttl: Duration) -> Kind {
+    if s.name == own {
+        return Kind::Own;
+    }
     let now = unix(SystemTime::now());
-    if l.released || l.expires_unix <= now || l.run_id == run_id {
-        return Ok(None);
+    let Some(l) = &s.lease else {
+        let young = s.mtime.is_some_and(|m| unix(m) + ttl.as_secs() > now);
+        return if young {
+            Kind::Candidate
+        } else {
+            Kind::Stale(None)
+        };
+    };
+    if l.released {
+        return Kind::Released;
+    }
+    if l.expires_unix <= now {
+        return Kind::Stale(None);
     }
     if let Some(pid) = dead_local_owner(l) {
-        return Ok(Some(format!(
+        return Kind::Stale(Some(format!(
             "the lease of run {} ({}, valid {} more s) belonged to pid {pid} on this machine, which no longer runs: taken over",
             l.run_id,
             l.owner,
             l.expires_unix - now
         )));
     }
-    Err(fail(Code::Locked, format!(
-        "another offsite run holds the lock of policy {}: {} (run {}) since {}, lease valid for {} more s",
-        policy.name, l.owner, l.run_id, l.since, l.expires_unix - now
-    )))
+    if l.held {
+        Kind::Held(l.clone())
+    } else {
+        Kind::Candidate
+    }
 }
 
-/// How long a run waits after writing its lease before reading it back, and the longest its
-/// own read-then-write of the lease may take. `OFFSITE_LOCK_SETTLE_MS` overrides the default;
-/// it must be the same on every host that shares the secondary; 0 turns the check off (one
-/// scheduler only, see docs/guards.md).
-pub const DEFAULT_LOCK_SETTLE: Duration = Duration::from_secs(2);
+fn held_error(policy: &Policy, l: &Lease) -> anyhow::Error {
+    let now = unix(SystemTime::now());
+    fail(Code::Locked, format!(
+        "another offsite run holds the lock of policy {}: {} (run {}) since {}, lease valid for {} more s",
+        policy.name, l.owner, l.run_id, l.since, l.expires_unix.saturating_sub(now)
+    ))
+}
 
-pub fn lock_settle() -> Duration {
-    std::env::var("OFFSITE_LOCK_SETTLE_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(DEFAULT_LOCK_SETTLE)
+/// How often a run that met other candidates backs off and tries again before it gives up
+/// (exit 8).
+const LEASE_ATTEMPTS: usize = 5;
+
+/// The lease objects in `dir` (a local copy of `.offsite/leases*/`).
+fn read_leases(dir: &Path) -> Vec<SeenLease> {
+    let mut seen: Vec<SeenLease> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| SeenLease {
+            name: e.file_name().to_string_lossy().into_owned(),
+            lease: std::fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
+            mtime: e.metadata().and_then(|m| m.modified()).ok(),
+        })
+        .collect();
+    seen.sort_by(|a, b| a.name.cmp(&b.name));
+    seen
 }
 
 fn host() -> String {
@@ -317,7 +372,12 @@ pub struct Guarded<'a> {
     config: &'a PrivateConfig,
     policy: &'a Policy,
     run_id: String,
-    lease_name: String,
+    /// `leases<shard>`: the directory of lease objects under `.offsite/`.
+    lease_dir: String,
+    /// This run's lease object in it: `<run-id>.<random>`, unique across hosts.
+    lease_token: String,
+    /// Other runs' leases found released, expired or dead, removed once the lock is ours.
+    stale_leases: Vec<String>,
     state_name: String,
     lease_held: bool,
     heartbeat: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
@@ -345,20 +405,25 @@ fn storage_error(what: &str, stderr: &[u8]) -> anyhow::Error {
 struct Fetched {
     canary: Option<Vec<u8>>,
     state: Option<State>,
-    lease: Option<Lease>,
+    leases: Vec<SeenLease>,
 }
+
+/// Scratch directories for copies of `.offsite/` must not mix: a run may read it twice.
+static FETCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn fetch(
     rclone: &Rclone,
     config: &PrivateConfig,
     config_policy: &Policy,
-    lease_name: &str,
+    lease_dir: &str,
     state_name: &str,
 ) -> anyhow::Result<Fetched> {
-    let down = config.scratch_dir("remote-in")?;
-    let lease_filter = format!("/{lease_name}");
+    let n = FETCHES.fetch_add(1, Ordering::SeqCst);
+    let down = config.scratch_dir(&format!("remote-in-{n}"))?;
+    let lease_filter = format!("/{lease_dir}/*");
     let state_filter = format!("/{state_name}");
-    let out = rclone.output(
+    let out = copy_down(
+        rclone,
         &args(
             rclone,
             config.path(),
@@ -367,7 +432,7 @@ fn fetch(
                 "offsite:.offsite",
                 down.to_str().context("temp path is not UTF-8")?,
                 "--max-depth",
-                "1",
+                "2",
                 "--include",
                 "/canary",
                 "--include",
@@ -376,7 +441,6 @@ fn fetch(
                 &lease_filter,
             ],
         ),
-        None,
     )?;
     // Exit 3: `.offsite` does not exist under this key (first run, or a wrong key).
     if !out.status.success() && out.status.code() != Some(3) {
@@ -393,12 +457,27 @@ fn fetch(
         Some(b) => Some(serde_json::from_slice(&b).context(".offsite/state.json is not valid")?),
         None => None,
     };
-    let lease = read(lease_name).and_then(|b| serde_json::from_slice(&b).ok());
     Ok(Fetched {
         canary: read("canary"),
         state,
-        lease,
+        leases: read_leases(&down.join(lease_dir)),
     })
+}
+
+/// `rclone copy` of `.offsite/` (or part of it) to a local directory. Another run may delete
+/// its withdrawn lease between rclone's listing and its download (the object is gone: 404),
+/// so a failed copy is taken again, up to three times, before it counts. A partial copy never
+/// counts: a lease that failed to come down for another reason could be a live one.
+fn copy_down(rclone: &Rclone, a: &[OsString]) -> anyhow::Result<std::process::Output> {
+    let mut out = rclone.output(a, None)?;
+    for _ in 0..2 {
+        if out.status.success() || out.status.code() == Some(3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        out = rclone.output(a, None)?;
+    }
+    Ok(out)
 }
 
 /// Is there anything at `path`? (`lsf --max-depth 1`, first line only.) `None` when the path
@@ -476,7 +555,7 @@ impl<'a> Guarded<'a> {
     ) -> anyhow::Result<(Guarded<'a>, Vec<BucketPlan>)> {
         let lock_name = format!("{}{}", policy.name, opts.lock_suffix);
         let local = LocalLock::acquire(&lock_name, run_id)?;
-        let lease_name = format!("lock{}", opts.lock_suffix);
+        let lease_dir = format!("leases{}", opts.lock_suffix);
         // One state file per shard: shards run at once and must not overwrite each other.
         let state_name = format!("state{}.json", opts.lock_suffix);
         let g = &policy.guards;
@@ -485,7 +564,7 @@ impl<'a> Guarded<'a> {
         // Phase 1, in parallel: .offsite/ (canary, state, lease) and, per bucket, whether the
         // source lists anything.
         let (fetched, source_probes) = std::thread::scope(|s| {
-            let f = s.spawn(|| fetch(rclone, config, policy, &lease_name, &state_name));
+            let f = s.spawn(|| fetch(rclone, config, policy, &lease_dir, &state_name));
             let probes: Vec<_> = buckets
                 .iter()
                 .map(|b| {
@@ -578,18 +657,38 @@ impl<'a> Guarded<'a> {
             ));
         }
 
-        // Remote lease.
+        // Remote lease: a run that holds it is refused before anything is written; a lease
+        // whose owner certainly died is taken over.
         let ttl = lock_ttl();
-        let mut taken_over = None;
-        if let Some(l) = &fetched.lease {
-            taken_over = check_lease(policy, l, run_id)?;
+        let mut token = [0u8; 8];
+        let _ = getrandom::fill(&mut token);
+        let lease_token = format!(
+            "{run_id}.{}",
+            token.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let mut stale_leases = Vec::new();
+        let mut taken_over = Vec::new();
+        let mut candidates = Vec::new();
+        for l in &fetched.leases {
+            match classify(l, &lease_token, ttl) {
+                Kind::Held(h) => return Err(held_error(policy, &h)),
+                Kind::Stale(detail) => {
+                    stale_leases.push(l.name.clone());
+                    taken_over.extend(detail);
+                }
+                Kind::Released => stale_leases.push(l.name.clone()),
+                Kind::Candidate => candidates.push(l.name.clone()),
+                Kind::Own => {}
+            }
         }
         let mut guarded = Guarded {
             rclone,
             config,
             policy,
             run_id: run_id.to_string(),
-            lease_name,
+            lease_dir,
+            lease_token,
+            stale_leases,
             state_name,
             lease_held: false,
             heartbeat: None,
@@ -603,9 +702,9 @@ impl<'a> Guarded<'a> {
             _local: local,
         };
         if !opts.dry_run {
-            guarded.take_lease(ttl)?;
+            taken_over.extend(guarded.take_lease(ttl, candidates)?);
             guarded.start_heartbeat(ttl);
-            if let Some(detail) = taken_over {
+            for detail in taken_over {
                 guarded
                     .decisions
                     .push(Decision::new("lock", None, "taken_over", detail));
@@ -615,9 +714,9 @@ impl<'a> Guarded<'a> {
                 None,
                 "acquired",
                 format!(
-                    "local {} and lease .offsite/{} (ttl {} s)",
+                    "local {} and lease .offsite/{}/ (ttl {} s)",
                     guarded._local.path().display(),
-                    guarded.lease_name,
+                    guarded.lease_dir,
                     ttl.as_secs()
                 ),
             ));
@@ -734,7 +833,7 @@ impl<'a> Guarded<'a> {
         Ok((guarded, plans))
     }
 
-    fn lease_doc(&self, ttl: Duration, released: bool) -> Lease {
+    fn lease_doc(&self, ttl: Duration, released: bool, held: bool) -> Lease {
         let now = SystemTime::now();
         Lease {
             owner: format!("{}:{}", host(), std::process::id()),
@@ -743,94 +842,158 @@ impl<'a> Guarded<'a> {
             since_unix: unix(now),
             expires_unix: unix(now) + ttl.as_secs(),
             released,
+            held,
             boot_id: boot_id(),
             pid_ns: pid_ns(),
         }
     }
 
-    /// Take the lease. S3 has no create-if-absent that rclone exposes, so "read, then write"
-    /// alone lets two hosts that start together both see no lease and both write one (measured:
-    /// within ~150 ms of each other they always did; docs/reliability.md). Fischer's timed
-    /// mutual exclusion closes that window without comparing clocks across hosts: read the
-    /// lease, write ours, and if that read-to-write took at most SETTLE, wait SETTLE and read
-    /// it back: only the run whose write landed last finds its own run id and goes on; a
-    /// competitor whose read came before our write wrote within SETTLE of it, so we see it. A
-    /// slow read-to-write (a loaded machine) is tried again, up to three times.
-    fn take_lease(&mut self, ttl: Duration) -> anyhow::Result<()> {
-        let settle = lock_settle();
-        if settle.is_zero() {
-            self.write_lease(ttl)?;
-            self.lease_held = true;
-            return Ok(());
-        }
-        let mut slow = Duration::ZERO;
-        for _ in 0..3 {
-            let read_at = std::time::Instant::now();
-            if let Some(l) = self.read_lease()? {
-                // Ours (from a slow attempt) counts as free; a live run's is refused.
-                if l.run_id != self.run_id {
-                    check_lease(self.policy, &l, &self.run_id)?;
-                }
-            }
+    /// `offsite:.offsite/<lease dir>/<token>`: this run's lease object.
+    fn lease_path(&self) -> String {
+        format!("offsite:.offsite/{}/{}", self.lease_dir, self.lease_token)
+    }
+
+    /// Take the lease: write our own lease object under a name no other run uses, then list
+    /// the lease directory. A run that finds no other live lease has the lock. S3 offers no
+    /// create-if-absent through rclone, but a listing started after a write completed shows
+    /// that object (strong read-after-write, docs/guards.md); so of two runs the one whose
+    /// write completed last sees the other's lease and does not go on — two runs cannot both
+    /// find themselves alone. A run that meets other candidates deletes its own, backs off
+    /// (by rank, so the earliest name tries again first) and looks again: a lease that is
+    /// marked held, or that is still there after the back-off, wins; otherwise it tries
+    /// again, up to [`LEASE_ATTEMPTS`] times. Without contention this is one write and one
+    /// listing, and no waiting. Returns the takeover details of dead runs' leases it met.
+    fn take_lease(&mut self, ttl: Duration, mut met: Vec<String>) -> anyhow::Result<Vec<String>> {
+        let mut contended = !met.is_empty();
+        let mut taken_over = Vec::new();
+        for _ in 0..LEASE_ATTEMPTS {
             self.write_lease(ttl)?;
             // From here a failure must release what we wrote (Drop does, for a held lease).
             self.lease_held = true;
-            slow = read_at.elapsed();
-            if slow > settle {
-                continue;
-            }
-            std::thread::sleep(settle);
-            crate::signals::check()?;
-            return match self.read_lease()? {
-                Some(l) if l.run_id != self.run_id => {
-                    // Not ours to release: the other run's write landed last.
-                    self.lease_held = false;
-                    Err(fail(Code::Locked, format!(
-                        "another offsite run took the lock of policy {} at the same moment: {} (run {}) since {}; it replicates, this run stops",
-                        self.policy.name, l.owner, l.run_id, l.since
-                    )))
+            let others = self.look(ttl, &met, &mut taken_over)?;
+            if others.is_empty() {
+                if contended {
+                    // Another run may have finished between our first read and now: read
+                    // the state it wrote.
+                    let f = fetch(
+                        self.rclone,
+                        self.config,
+                        self.policy,
+                        &self.lease_dir,
+                        &self.state_name,
+                    )?;
+                    if let Some(st) = f.state {
+                        self.state = st;
+                    }
                 }
-                Some(_) => Ok(()),
-                None => Err(fail(
-                    Code::Failed,
-                    format!(
-                        "the lock lease .offsite/{} vanished right after it was written; is another tool writing under the crypt root?",
-                        self.lease_name
-                    ),
-                )),
-            };
+                return Ok(taken_over);
+            }
+            contended = true;
+            self.delete_own_lease()?;
+            let rank = others.iter().filter(|n| **n < self.lease_token).count() as u64;
+            let mut jitter = [0u8; 1];
+            let _ = getrandom::fill(&mut jitter);
+            std::thread::sleep(Duration::from_millis(
+                300 + 600 * rank + u64::from(jitter[0]),
+            ));
+            crate::signals::check()?;
+            met.extend(others.iter().cloned());
+            let again = self.look(ttl, &met, &mut taken_over)?;
+            if let Some(n) = again.iter().find(|n| others.contains(n)) {
+                return Err(fail(Code::Locked, format!(
+                    "another offsite run is taking the lock of policy {} at the same moment (lease .offsite/{}/{n}); it replicates, this run stops",
+                    self.policy.name, self.lease_dir
+                )));
+            }
         }
-        // Release on the way out (Drop) only what is still ours.
-        self.lease_held = matches!(self.read_lease(), Ok(Some(l)) if l.run_id == self.run_id);
         Err(fail(
             Code::Locked,
             format!(
-                "taking the lock lease of policy {} took {:.1} s, more than the {:.1} s settle time, three times: another host may hold it; try again later, or raise OFFSITE_LOCK_SETTLE_MS on every host",
-                self.policy.name,
-                slow.as_secs_f64(),
-                settle.as_secs_f64()
+                "other offsite runs of policy {} kept taking the lock at the same moment, {LEASE_ATTEMPTS} times; try again later",
+                self.policy.name
             ),
         ))
     }
 
-    /// The lease as it is now on the secondary (None: absent or unreadable as a lease).
-    fn read_lease(&self) -> anyhow::Result<Option<Lease>> {
-        let target = format!("offsite:.offsite/{}", self.lease_name);
-        let out = self.rclone.output(
-            &args(self.rclone, self.config.path(), &["cat", &target]),
-            None,
+    /// List the lease directory (one `rclone copy` of it): the other live candidates' names.
+    /// A held lease of another run is exit 8 (our own lease object, if any, is withdrawn
+    /// first), and so is the released lease of a candidate we `met` before: it won while we
+    /// waited and has ended, so its run did this one's work. Stale ones are noted for removal.
+    fn look(
+        &mut self,
+        ttl: Duration,
+        met: &[String],
+        taken_over: &mut Vec<String>,
+    ) -> anyhow::Result<Vec<String>> {
+        let n = FETCHES.fetch_add(1, Ordering::SeqCst);
+        let down = self.config.scratch_dir(&format!("leases-in-{n}"))?;
+        let out = copy_down(
+            self.rclone,
+            &args(
+                self.rclone,
+                self.config.path(),
+                &[
+                    "copy",
+                    &format!("offsite:.offsite/{}", self.lease_dir),
+                    down.to_str().context("temp path is not UTF-8")?,
+                    "--max-depth",
+                    "1",
+                ],
+            ),
         )?;
-        if !out.status.success() {
-            return Err(storage_error("reading the lock lease failed", &out.stderr));
+        // Exit 3: the directory is gone (every other lease withdrawn, ours too): nobody.
+        if !out.status.success() && out.status.code() != Some(3) {
+            return Err(storage_error("listing the lock leases failed", &out.stderr));
         }
-        Ok(serde_json::from_slice(&out.stdout).ok())
+        let mut others = Vec::new();
+        for l in read_leases(&down) {
+            match classify(&l, &self.lease_token, ttl) {
+                Kind::Own => {}
+                Kind::Held(h) => {
+                    if self.lease_held {
+                        self.delete_own_lease()?;
+                    }
+                    return Err(held_error(self.policy, &h));
+                }
+                Kind::Released if met.contains(&l.name) => {
+                    if self.lease_held {
+                        self.delete_own_lease()?;
+                    }
+                    let who = l
+                        .lease
+                        .as_ref()
+                        .map(|x| format!(": {} (run {}) since {}", x.owner, x.run_id, x.since))
+                        .unwrap_or_default();
+                    return Err(fail(Code::Locked, format!(
+                        "another offsite run took the lock of policy {} at the same moment and has ended{who}; this run stops",
+                        self.policy.name
+                    )));
+                }
+                Kind::Stale(detail) => {
+                    if !self.stale_leases.contains(&l.name) {
+                        self.stale_leases.push(l.name.clone());
+                        taken_over.extend(detail);
+                    }
+                }
+                Kind::Released => {
+                    if !self.stale_leases.contains(&l.name) {
+                        self.stale_leases.push(l.name.clone());
+                    }
+                }
+                Kind::Candidate => others.push(l.name),
+            }
+        }
+        Ok(others)
     }
 
     fn write_lease(&self, ttl: Duration) -> anyhow::Result<()> {
-        let doc = serde_json::to_vec(&self.lease_doc(ttl, false))?;
-        let target = format!("offsite:.offsite/{}", self.lease_name);
+        let doc = serde_json::to_vec(&self.lease_doc(ttl, false, false))?;
         let out = self.rclone.output(
-            &args(self.rclone, self.config.path(), &["rcat", &target]),
+            &args(
+                self.rclone,
+                self.config.path(),
+                &["rcat", &self.lease_path()],
+            ),
             Some(&doc),
         )?;
         if !out.status.success() {
@@ -839,6 +1002,29 @@ impl<'a> Guarded<'a> {
         Ok(())
     }
 
+    /// Withdraw our candidate lease (we met another run).
+    fn delete_own_lease(&mut self) -> anyhow::Result<()> {
+        let out = self.rclone.output(
+            &args(
+                self.rclone,
+                self.config.path(),
+                &["deletefile", &self.lease_path()],
+            ),
+            None,
+        )?;
+        if !out.status.success() {
+            return Err(storage_error(
+                "withdrawing the lock lease failed",
+                &out.stderr,
+            ));
+        }
+        self.lease_held = false;
+        Ok(())
+    }
+
+    /// In the background while the run goes on: mark our lease held (so that runs starting
+    /// now stop at once), remove the stale leases we met, and renew ours every third of the
+    /// TTL.
     fn start_heartbeat(&mut self, ttl: Duration) {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
@@ -846,10 +1032,40 @@ impl<'a> Guarded<'a> {
         let a = args(
             self.rclone,
             self.config.path(),
-            &["rcat", &format!("offsite:.offsite/{}", self.lease_name)],
+            &["rcat", &self.lease_path()],
         );
-        let owner = self.lease_doc(ttl, false);
+        let stale: Vec<Vec<OsString>> = std::mem::take(&mut self.stale_leases)
+            .iter()
+            .map(|n| {
+                args(
+                    self.rclone,
+                    self.config.path(),
+                    &[
+                        "deletefile",
+                        &format!("offsite:.offsite/{}/{n}", self.lease_dir),
+                    ],
+                )
+            })
+            .collect();
+        let owner = self.lease_doc(ttl, false, true);
         let h = std::thread::spawn(move || {
+            let renew = |rclone: &Rclone| {
+                let now = unix(SystemTime::now());
+                let doc = Lease {
+                    expires_unix: now + ttl.as_secs(),
+                    ..owner.clone()
+                };
+                if let Ok(b) = serde_json::to_vec(&doc) {
+                    let _ = rclone.output(&a, Some(&b));
+                }
+            };
+            renew(&rclone);
+            for d in &stale {
+                if s2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let _ = rclone.output(d, None);
+            }
             let every = ttl / 3;
             let mut waited = Duration::ZERO;
             while !s2.load(Ordering::SeqCst) {
@@ -857,14 +1073,7 @@ impl<'a> Guarded<'a> {
                 waited += Duration::from_millis(200);
                 if waited >= every {
                     waited = Duration::ZERO;
-                    let now = unix(SystemTime::now());
-                    let doc = Lease {
-                        expires_unix: now + ttl.as_secs(),
-                        ..owner.clone()
-                    };
-                    if let Ok(b) = serde_json::to_vec(&doc) {
-                        let _ = rclone.output(&a, Some(&b));
-                    }
+                    renew(&rclone);
                 }
             }
         });
@@ -937,9 +1146,11 @@ impl<'a> Guarded<'a> {
             &up.join(&self.state_name),
             &serde_json::to_vec_pretty(&self.state)?,
         )?;
+        let leases = up.join(&self.lease_dir);
+        std::fs::create_dir_all(&leases)?;
         crate::render::write_scratch(
-            &up.join(&self.lease_name),
-            &serde_json::to_vec(&self.lease_doc(Duration::ZERO, true))?,
+            &leases.join(&self.lease_token),
+            &serde_json::to_vec(&self.lease_doc(Duration::ZERO, true, false))?,
         )?;
         let out = self.rclone.output(
             &args(
@@ -971,8 +1182,8 @@ impl Drop for Guarded<'_> {
         if self.lease_held {
             // Best effort after an error or a signal: release the lease so the next run need
             // not wait for the TTL. Bounded in time; runs even with a signal pending.
-            if let Ok(doc) = serde_json::to_vec(&self.lease_doc(Duration::ZERO, true)) {
-                let target = format!("offsite:.offsite/{}", self.lease_name);
+            if let Ok(doc) = serde_json::to_vec(&self.lease_doc(Duration::ZERO, true, false)) {
+                let target = self.lease_path();
                 let _ = self.rclone.output_cleanup(
                     &args(self.rclone, self.config.path(), &["rcat", &target]),
                     Some(&doc),

@@ -178,13 +178,25 @@ impl Case {
         out.stdout
     }
 
-    /// The lease document `.offsite/lock`, decrypted.
-    fn lease(&self) -> Option<Value> {
-        let out = self.crypt(&["cat", "offsite:.offsite/lock"]);
-        if !out.status.success() || out.stdout.is_empty() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+    /// Every lease document under `.offsite/leases/`, decrypted (`rclone cat` of the
+    /// directory: the documents one after the other).
+    fn leases(&self) -> Vec<Value> {
+        let out = self.crypt(&["cat", "offsite:.offsite/leases"]);
+        serde_json::Deserializer::from_slice(&out.stdout)
+            .into_iter::<Value>()
+            .map_while(Result::ok)
+            .collect()
+    }
+
+    /// The leases that still hold or take the lock: not released, not expired (the writer's
+    /// clock).
+    fn live_leases(&self) -> Vec<Value> {
+        self.leases()
+            .into_iter()
+            .filter(|l| {
+                l["released"] != true && l["expires_unix"].as_u64().unwrap_or(0) >= now_unix()
+            })
+            .collect()
     }
 
     /// The encrypted name of one path segment under this policy's key.
@@ -230,7 +242,7 @@ impl Case {
             ".offsite",
             "canary",
             "state.json",
-            "lock",
+            "leases",
         ]
         .map(String::from)
         .to_vec();
@@ -462,11 +474,10 @@ fn now_unix() -> u64 {
         .as_secs()
 }
 
-/// Waits until the lease, if any, is released or expired (it carries the writer's clock).
+/// Waits until every lease is released or expired (it carries the writer's clock).
 fn wait_lease_gone(c: &Case, max_secs: u64) {
-    wait_until(max_secs, "the lease to expire", || match c.lease() {
-        Some(l) => l["released"] == true || l["expires_unix"].as_u64().unwrap_or(0) < now_unix(),
-        None => true,
+    wait_until(max_secs, "the lease to expire", || {
+        c.live_leases().is_empty()
     });
 }
 
@@ -683,8 +694,8 @@ fn primary_crash_mid_sync_deletes_nothing_and_the_next_run_heals() {
     }
     assert_eq!(c.crypt_ls("offsite:deleted"), Vec::<String>::new());
     assert!(c.tmp_leftovers().is_empty(), "{:?}", c.tmp_leftovers());
-    problems.check(c.lease().is_some_and(|l| l["released"] == true), || {
-        format!("the failed run did not release its lease: {:?}", c.lease())
+    problems.check(!c.leases().is_empty() && c.live_leases().is_empty(), || {
+        format!("the failed run did not release its lease: {:?}", c.leases())
     });
 
     primary.restart();
@@ -893,7 +904,11 @@ fn sigkill_of_offsite_mid_sync_leaves_it_safe_for_the_next_run() {
     assert_eq!(c.crypt_ls(&format!("offsite:data/{src}")), names);
     c.verify_full(0, objs.len());
     assert_eq!(c.raw_replica(&src).len(), objs.len());
-    assert_eq!(c.lease().unwrap()["released"], true);
+    assert!(
+        !c.leases().is_empty() && c.live_leases().is_empty(),
+        "{:?}",
+        c.leases()
+    );
     problems.assert_none();
 }
 
@@ -933,8 +948,11 @@ fn sigkill_of_rclone_only_fails_5_and_leaves_a_clean_state() {
     assert!(out.stderr.contains(&src), "{}", out.stderr);
     assert!(c.tmp_leftovers().is_empty(), "{:?}", c.tmp_leftovers());
     assert!(rclones_under(c.tmp.path(), "sync").is_empty());
-    let lease = c.lease().expect("a lease document");
-    assert_eq!(lease["released"], true, "{lease}");
+    let leases = c.leases();
+    assert!(
+        !leases.is_empty() && c.live_leases().is_empty(),
+        "the lease was not released: {leases:?}"
+    );
 
     let o = c.run(&["run", "--no-progress", "--output", "json"]);
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);

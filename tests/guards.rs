@@ -380,10 +380,8 @@ fn spawn(s: &Setup, tmp: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
 fn wait_for_lease(s: &Setup) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let out = s.crypt(&["cat", "offsite:.offsite/lock"]);
-        if out.status.success()
-            && String::from_utf8_lossy(&out.stdout).contains("\"released\":false")
-        {
+        let out = s.crypt(&["cat", "offsite:.offsite/leases"]);
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"held\":true") {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
