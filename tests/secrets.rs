@@ -224,10 +224,15 @@ fn no_command_shows_a_secret_anywhere() {
     let src = b.sources[0].clone();
     let env = Env {
         // Not under /tmp: `manifest kubernetes` mounts the policy's secret files at their own
-        // paths in the pod, where /tmp is the pod's emptyDir.
+        // paths in the pod, where /tmp is the pod's emptyDir (and refuses paths under it). The
+        // target dir is under /tmp when the checkout is; /var/tmp is not.
         dir: tempfile::Builder::new()
             .prefix("offsite-sweep-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .tempdir_in(if env!("CARGO_TARGET_TMPDIR").starts_with("/tmp/") {
+                "/var/tmp"
+            } else {
+                env!("CARGO_TARGET_TMPDIR")
+            })
             .unwrap(),
         tmp: tempdir(),
         home: tempdir(),
