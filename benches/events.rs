@@ -17,32 +17,9 @@ use offsite::events::{self, Line};
 const TARGET_LINES_PER_SEC: f64 = 500_000.0;
 const TARGET_RSS_MIB: f64 = 20.0;
 
-macro_rules! fixtures {
-    ($($name:literal),* $(,)?) => {
-        &[$(include_bytes!(concat!("../tests/fixtures/rclone-logs/", $name)).as_slice()),*]
-    };
-}
-
-const LOGS: &[&[u8]] = fixtures!(
-    "1.60.1-initial.log",
-    "1.60.1-dry-run.log",
-    "1.60.1-incremental.log",
-    "1.60.1-max-delete.log",
-    "1.60.1-missing-source.log",
-    "1.60.1-usage-error.log",
-    "1.60.1-io-error.log",
-    "1.60.1-replace-delete.log",
-    "1.60.1-progress.log",
-    "1.75.2-initial.log",
-    "1.75.2-dry-run.log",
-    "1.75.2-incremental.log",
-    "1.75.2-max-delete.log",
-    "1.75.2-missing-source.log",
-    "1.75.2-usage-error.log",
-    "1.75.2-io-error.log",
-    "1.75.2-replace-delete.log",
-    "1.75.2-progress.log",
-);
+#[path = "../tests/rclone_logs/mod.rs"]
+mod rclone_logs;
+use rclone_logs::LOGS;
 
 /// Yields `remaining` lines, cycling through `lines` (each ends in `\n`).
 struct Repeat {
@@ -97,7 +74,7 @@ fn main() {
     // not what a sync's stderr consists of.
     let lines: Vec<&'static [u8]> = LOGS
         .iter()
-        .flat_map(|log| log.split_inclusive(|&b| b == b'\n'))
+        .flat_map(|(_, log)| log.split_inclusive(|&b| b == b'\n'))
         .filter(|l| matches!(events::parse_line(l), Line::Json(_)))
         .collect();
     let bytes_per_cycle: usize = lines.iter().map(|l| l.len()).sum();

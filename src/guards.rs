@@ -378,6 +378,8 @@ pub struct Guarded<'a> {
     lease_token: String,
     /// Other runs' leases found released, expired or dead, removed once the lock is ours.
     stale_leases: Vec<String>,
+    /// What to report of the dead runs' leases among them (`lock: taken_over`).
+    taken_over: Vec<String>,
     state_name: String,
     lease_held: bool,
     heartbeat: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
@@ -666,21 +668,6 @@ impl<'a> Guarded<'a> {
             "{run_id}.{}",
             token.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
-        let mut stale_leases = Vec::new();
-        let mut taken_over = Vec::new();
-        let mut candidates = Vec::new();
-        for l in &fetched.leases {
-            match classify(l, &lease_token, ttl) {
-                Kind::Held(h) => return Err(held_error(policy, &h)),
-                Kind::Stale(detail) => {
-                    stale_leases.push(l.name.clone());
-                    taken_over.extend(detail);
-                }
-                Kind::Released => stale_leases.push(l.name.clone()),
-                Kind::Candidate => candidates.push(l.name.clone()),
-                Kind::Own => {}
-            }
-        }
         let mut guarded = Guarded {
             rclone,
             config,
@@ -688,7 +675,8 @@ impl<'a> Guarded<'a> {
             run_id: run_id.to_string(),
             lease_dir,
             lease_token,
-            stale_leases,
+            stale_leases: Vec::new(),
+            taken_over: Vec::new(),
             state_name,
             lease_held: false,
             heartbeat: None,
@@ -701,10 +689,11 @@ impl<'a> Guarded<'a> {
             counted: BTreeMap::new(),
             _local: local,
         };
+        let candidates = guarded.sort_leases(fetched.leases, ttl, &[])?;
         if !opts.dry_run {
-            taken_over.extend(guarded.take_lease(ttl, candidates)?);
+            guarded.take_lease(ttl, candidates)?;
             guarded.start_heartbeat(ttl);
-            for detail in taken_over {
+            for detail in std::mem::take(&mut guarded.taken_over) {
                 guarded
                     .decisions
                     .push(Decision::new("lock", None, "taken_over", detail));
@@ -862,15 +851,14 @@ impl<'a> Guarded<'a> {
     /// (by rank, so the earliest name tries again first) and looks again: a lease that is
     /// marked held, or that is still there after the back-off, wins; otherwise it tries
     /// again, up to [`LEASE_ATTEMPTS`] times. Without contention this is one write and one
-    /// listing, and no waiting. Returns the takeover details of dead runs' leases it met.
-    fn take_lease(&mut self, ttl: Duration, mut met: Vec<String>) -> anyhow::Result<Vec<String>> {
+    /// listing, and no waiting. `met`: the candidates already seen in `.offsite/`.
+    fn take_lease(&mut self, ttl: Duration, mut met: Vec<String>) -> anyhow::Result<()> {
         let mut contended = !met.is_empty();
-        let mut taken_over = Vec::new();
         for _ in 0..LEASE_ATTEMPTS {
             self.write_lease(ttl)?;
             // From here a failure must release what we wrote (Drop does, for a held lease).
             self.lease_held = true;
-            let others = self.look(ttl, &met, &mut taken_over)?;
+            let others = self.look(ttl, &met)?;
             if others.is_empty() {
                 if contended {
                     // Another run may have finished between our first read and now: read
@@ -886,7 +874,7 @@ impl<'a> Guarded<'a> {
                         self.state = st;
                     }
                 }
-                return Ok(taken_over);
+                return Ok(());
             }
             contended = true;
             self.delete_own_lease()?;
@@ -898,7 +886,7 @@ impl<'a> Guarded<'a> {
             ));
             crate::signals::check()?;
             met.extend(others.iter().cloned());
-            let again = self.look(ttl, &met, &mut taken_over)?;
+            let again = self.look(ttl, &met)?;
             if let Some(n) = again.iter().find(|n| others.contains(n)) {
                 return Err(fail(Code::Locked, format!(
                     "another offsite run is taking the lock of policy {} at the same moment (lease .offsite/{}/{n}); it replicates, this run stops",
@@ -915,16 +903,9 @@ impl<'a> Guarded<'a> {
         ))
     }
 
-    /// List the lease directory (one `rclone copy` of it): the other live candidates' names.
-    /// A held lease of another run is exit 8 (our own lease object, if any, is withdrawn
-    /// first), and so is the released lease of a candidate we `met` before: it won while we
-    /// waited and has ended, so its run did this one's work. Stale ones are noted for removal.
-    fn look(
-        &mut self,
-        ttl: Duration,
-        met: &[String],
-        taken_over: &mut Vec<String>,
-    ) -> anyhow::Result<Vec<String>> {
+    /// List the lease directory (one `rclone copy` of it) and sort what is there
+    /// ([`Guarded::sort_leases`]).
+    fn look(&mut self, ttl: Duration, met: &[String]) -> anyhow::Result<Vec<String>> {
         let n = FETCHES.fetch_add(1, Ordering::SeqCst);
         let down = self.config.scratch_dir(&format!("leases-in-{n}"))?;
         let out = copy_down(
@@ -945,8 +926,21 @@ impl<'a> Guarded<'a> {
         if !out.status.success() && out.status.code() != Some(3) {
             return Err(storage_error("listing the lock leases failed", &out.stderr));
         }
+        self.sort_leases(read_leases(&down), ttl, met)
+    }
+
+    /// The other live candidates' names among `seen`. A held lease of another run is exit 8
+    /// (our own lease object, if any, is withdrawn first), and so is the released lease of a
+    /// candidate we `met` before: it won while we waited and has ended, so its run did this
+    /// one's work. Stale ones are noted for removal, dead runs' for the report.
+    fn sort_leases(
+        &mut self,
+        seen: Vec<SeenLease>,
+        ttl: Duration,
+        met: &[String],
+    ) -> anyhow::Result<Vec<String>> {
         let mut others = Vec::new();
-        for l in read_leases(&down) {
+        for l in seen {
             match classify(&l, &self.lease_token, ttl) {
                 Kind::Own => {}
                 Kind::Held(h) => {
@@ -971,13 +965,13 @@ impl<'a> Guarded<'a> {
                 }
                 Kind::Stale(detail) => {
                     if !self.stale_leases.contains(&l.name) {
-                        self.stale_leases.push(l.name.clone());
-                        taken_over.extend(detail);
+                        self.stale_leases.push(l.name);
+                        self.taken_over.extend(detail);
                     }
                 }
                 Kind::Released => {
                     if !self.stale_leases.contains(&l.name) {
-                        self.stale_leases.push(l.name.clone());
+                        self.stale_leases.push(l.name);
                     }
                 }
                 Kind::Candidate => others.push(l.name),

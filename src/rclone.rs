@@ -248,6 +248,64 @@ impl Rclone {
         a
     }
 
+    /// The summed sizes of `objects` under the remote path `path` (copied objects whose size
+    /// the log of rclone < 1.63 does not give), with one `rclone lsjson -R` and `flags`. With
+    /// `list` (a scratch file path) rclone looks up just those objects (`--files-from-raw`,
+    /// the file removed afterwards); without, it lists all of `path` and the wanted ones are
+    /// summed.
+    pub fn sum_sizes(
+        &self,
+        config: &Path,
+        path: &str,
+        objects: &[String],
+        list: Option<&Path>,
+        flags: &[&str],
+    ) -> anyhow::Result<u64> {
+        let mut args = self.meta_args(config);
+        args.extend(
+            [
+                "lsjson",
+                "-R",
+                "--files-only",
+                "--no-mimetype",
+                "--no-modtime",
+            ]
+            .iter()
+            .chain(flags)
+            .map(OsString::from),
+        );
+        if let Some(list) = list {
+            let mut text = objects.join("\n");
+            text.push('\n');
+            crate::render::write_scratch(list, text.as_bytes())?;
+            args.push("--files-from-raw".into());
+            args.push(list.into());
+        }
+        args.push(path.into());
+        let out = self.output(&args, None);
+        if let Some(list) = list {
+            let _ = std::fs::remove_file(list);
+        }
+        let out = out?;
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            #[serde(rename = "Path")]
+            path: String,
+            #[serde(rename = "Size")]
+            size: i64,
+        }
+        let entries: Vec<Entry> = serde_json::from_slice(&out.stdout)?;
+        let wanted: std::collections::HashSet<&str> = match list {
+            Some(_) => Default::default(),
+            None => objects.iter().map(String::as_str).collect(),
+        };
+        Ok(entries
+            .iter()
+            .filter(|e| list.is_some() || wanted.contains(e.path.as_str()))
+            .map(|e| e.size.max(0) as u64)
+            .sum())
+    }
+
     /// Run to completion, capturing both pipes (duct drains each on its own thread, so a full
     /// stderr pipe cannot deadlock the child). `stdin` carries secrets when needed.
     pub fn output(&self, args: &[OsString], stdin: Option<&[u8]>) -> anyhow::Result<Output> {

@@ -979,33 +979,13 @@ fn replica_sizes(job: &Job, from: &str, objects: &[String]) -> anyhow::Result<u6
         .config
         .scratch()
         .join(format!("restored-{}.txt", N.fetch_add(1, Ordering::SeqCst)));
-    let mut text = objects.join("\n");
-    text.push('\n');
-    crate::render::write_scratch(&list, text.as_bytes())?;
-    let mut args = job.rclone.meta_args(job.config.path());
-    for x in [
-        "lsjson",
-        "-R",
-        "--files-only",
-        "--no-mimetype",
-        "--no-modtime",
-        "--no-unicode-normalization",
-        "--files-from-raw",
-    ] {
-        args.push(x.into());
-    }
-    args.push(list.clone().into());
-    args.push(from.into());
-    let out = job.rclone.output(&args, None);
-    let _ = std::fs::remove_file(&list);
-    let out = out?;
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        #[serde(rename = "Size")]
-        size: i64,
-    }
-    let entries: Vec<Entry> = serde_json::from_slice(&out.stdout)?;
-    Ok(entries.iter().map(|e| e.size.max(0) as u64).sum())
+    job.rclone.sum_sizes(
+        job.config.path(),
+        from,
+        objects,
+        Some(&list),
+        &["--no-unicode-normalization"],
+    )
 }
 
 fn relay(job: &Job, bucket: &str, line: &Line) {

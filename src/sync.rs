@@ -356,43 +356,18 @@ fn source_sizes(job: &Job, bucket: &str, objects: &[String], total: u64) -> anyh
         .parent()
         .context("config has no directory")?;
     let list = dir.join(format!("copied-{bucket}.txt"));
-    let mut args = job.rclone.meta_args(job.config);
-    args.extend(
-        [
-            "lsjson",
-            "-R",
-            "--files-only",
-            "--no-mimetype",
-            "--no-modtime",
-        ]
-        .iter()
-        .map(OsString::from),
-    );
-    if !whole {
-        let mut text = objects.join("\n");
-        text.push('\n');
-        crate::render::write_scratch(&list, text.as_bytes())?;
-        args.extend(["--no-traverse", "--files-from-raw"].map(OsString::from));
-        args.push(list.clone().into());
-    }
-    args.push(format!("source:{bucket}").into());
-    let out = job.rclone.output(&args, None);
-    let _ = std::fs::remove_file(&list);
-    let out = out?;
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        #[serde(rename = "Path")]
-        path: String,
-        #[serde(rename = "Size")]
-        size: i64,
-    }
-    let entries: Vec<Entry> = serde_json::from_slice(&out.stdout)?;
-    let wanted: std::collections::HashSet<&str> = objects.iter().map(String::as_str).collect();
-    Ok(entries
-        .iter()
-        .filter(|e| wanted.contains(e.path.as_str()))
-        .map(|e| e.size.max(0) as u64)
-        .sum())
+    let (list, flags): (Option<&Path>, &[&str]) = if whole {
+        (None, &[])
+    } else {
+        (Some(&list), &["--no-traverse"])
+    };
+    job.rclone.sum_sizes(
+        job.config,
+        &format!("source:{bucket}"),
+        objects,
+        list,
+        flags,
+    )
 }
 
 #[cfg(test)]

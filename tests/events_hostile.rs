@@ -13,32 +13,8 @@ use std::io::{BufRead, BufReader, Read};
 use offsite::events::{self, BucketCounts, MAX_LINE_BYTES};
 use serde_json::Value;
 
-macro_rules! fixtures {
-    ($($name:literal),* $(,)?) => {
-        &[$(($name, include_bytes!(concat!("fixtures/rclone-logs/", $name)).as_slice())),*]
-    };
-}
-
-const LOGS: &[(&str, &[u8])] = fixtures!(
-    "1.60.1-initial.log",
-    "1.60.1-dry-run.log",
-    "1.60.1-incremental.log",
-    "1.60.1-max-delete.log",
-    "1.60.1-missing-source.log",
-    "1.60.1-usage-error.log",
-    "1.60.1-io-error.log",
-    "1.60.1-replace-delete.log",
-    "1.60.1-progress.log",
-    "1.75.2-initial.log",
-    "1.75.2-dry-run.log",
-    "1.75.2-incremental.log",
-    "1.75.2-max-delete.log",
-    "1.75.2-missing-source.log",
-    "1.75.2-usage-error.log",
-    "1.75.2-io-error.log",
-    "1.75.2-replace-delete.log",
-    "1.75.2-progress.log",
-);
+mod rclone_logs;
+use rclone_logs::LOGS;
 
 /// Small hostile lines, spliced between every pair of lines (without their `\n`).
 fn small_hostile() -> Vec<Vec<u8>> {

@@ -22,31 +22,6 @@ use common::garage::{policy_with, Garage, Storage};
 use common::*;
 use serde_json::Value;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", self.stdout))
-    }
-}
-
-impl From<Output> for Out {
-    fn from(out: Output) -> Out {
-        let o = Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-        o
-    }
-}
-
 /// One scenario: buckets on `storage`, a policy for them, a private TMPDIR for offsite.
 struct Case {
     storage: Storage,
@@ -139,43 +114,16 @@ impl Case {
 
     /// Plain rclone through the rendered config (remotes `source`, `destination`, `offsite`).
     fn crypt(&self, args: &[&str]) -> Output {
-        std::process::Command::new(&rig().rclone)
-            .arg("--config")
-            .arg(self.admin_conf())
-            .args(args)
-            .env_remove("AWS_CA_BUNDLE")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        crypt(&self.admin_conf(), args)
     }
 
     /// Plaintext paths under a crypt path, sorted; empty when it does not exist.
     fn crypt_ls(&self, path: &str) -> Vec<String> {
-        let out = self.crypt(&["lsf", "-R", "--files-only", path]);
-        if out.status.code() == Some(3) {
-            return vec![];
-        }
-        assert!(
-            out.status.success(),
-            "lsf {path}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(String::from)
-            .collect();
-        v.sort();
-        v
+        crypt_ls(&self.admin_conf(), path)
     }
 
     fn crypt_cat(&self, path: &str) -> Vec<u8> {
-        let out = self.crypt(&["cat", path]);
-        assert!(
-            out.status.success(),
-            "cat {path}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        crypt_cat(&self.admin_conf(), path)
     }
 
     /// Every lease document under `.offsite/leases/`, decrypted (`rclone cat` of the

@@ -11,19 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", self.stdout))
-    }
-}
-
 struct Setup {
     b: Buckets,
     dir: tempfile::TempDir,
@@ -61,57 +48,30 @@ impl Setup {
             cmd.env(k, v);
         }
         let out = cmd.output().unwrap();
-        let o = Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-        o
+        Out::from(out)
     }
 
-    /// Plain rclone through offsite's rendered config: the admin's view of the crypt root.
-    fn crypt(&self, args: &[&str]) -> std::process::Output {
+    /// offsite's rendered config (`offsite render`), made once: the admin's plain-rclone view.
+    fn admin_conf(&self) -> PathBuf {
         let conf = self.dir.path().join("admin.conf");
         if !conf.exists() {
             let o = self.run(&["render", "--to", conf.to_str().unwrap()]);
             assert_eq!(o.code, 0, "{}", o.stderr);
         }
-        std::process::Command::new(&rig().rclone)
-            .arg("--config")
-            .arg(&conf)
-            .args(args)
-            .env_remove("AWS_CA_BUNDLE")
-            .output()
-            .unwrap()
+        conf
+    }
+
+    /// Plain rclone through offsite's rendered config: the admin's view of the crypt root.
+    fn crypt(&self, args: &[&str]) -> std::process::Output {
+        crypt(&self.admin_conf(), args)
     }
 
     fn crypt_cat(&self, path: &str) -> Vec<u8> {
-        let out = self.crypt(&["cat", path]);
-        assert!(
-            out.status.success(),
-            "cat {path}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        crypt_cat(&self.admin_conf(), path)
     }
 
     fn crypt_ls(&self, path: &str) -> Vec<String> {
-        let out = self.crypt(&["lsf", "-R", "--files-only", path]);
-        if out.status.code() == Some(3) {
-            return vec![];
-        }
-        assert!(
-            out.status.success(),
-            "lsf {path}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(String::from)
-            .collect();
-        v.sort();
-        v
+        crypt_ls(&self.admin_conf(), path)
     }
 }
 
@@ -476,13 +436,7 @@ fn a_killed_run_blocks_other_hosts_until_its_lease_expires() {
             .envs(ttl)
             .output()
             .unwrap();
-        let o = Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-        o
+        Out::from(out)
     };
     let o = other(&["run", "--output", "json"]);
     assert!(

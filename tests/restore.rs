@@ -15,19 +15,6 @@ use common::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", self.stdout))
-    }
-}
-
 struct Setup {
     b: Buckets,
     dir: tempfile::TempDir,
@@ -60,13 +47,7 @@ impl Setup {
             .env("TMPDIR", self.tmp.path())
             .output()
             .unwrap();
-        let o = Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-        o
+        Out::from(out)
     }
 
     #[track_caller]

@@ -11,19 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", self.stdout))
-    }
-}
-
 fn run_in(policy: &Path, tmp: &Path, args: &[&str]) -> Out {
     let out = offsite()
         .arg("-c")
@@ -32,13 +19,7 @@ fn run_in(policy: &Path, tmp: &Path, args: &[&str]) -> Out {
         .env("TMPDIR", tmp)
         .output()
         .unwrap();
-    let o = Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-    o
+    Out::from(out)
 }
 
 /// A tool the rig provides: required when the rig runs the suite (OFFSITE_TEST_RCLONE set).
@@ -71,13 +52,7 @@ fn crypt(policy: &Path, dir: &Path, args: &[&str]) -> std::process::Output {
             .unwrap();
         assert!(o.status.success());
     }
-    std::process::Command::new(&rig().rclone)
-        .arg("--config")
-        .arg(&conf)
-        .args(args)
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .unwrap()
+    common::crypt(&conf, args)
 }
 
 #[test]

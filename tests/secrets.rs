@@ -394,14 +394,10 @@ fn no_command_shows_a_secret_anywhere() {
     // under .offsite/ (state, lease, canary), read through crypt with plain rclone.
     sweep.scan_bytes("attestation file", &std::fs::read(&attestation).unwrap());
     let records = tempdir();
-    let out = std::process::Command::new(&r.rclone)
-        .arg("--config")
-        .arg(&rendered)
-        .args(["copy", "offsite:.offsite"])
-        .arg(records.path())
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .unwrap();
+    let out = crypt(
+        &rendered,
+        &["copy", "offsite:.offsite", records.path().to_str().unwrap()],
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -14,19 +14,6 @@ use serde_json::Value;
 
 const MARKER: &[u8] = b"PLAINTEXT-CONTENT-MARKER-7c1e";
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", self.stdout))
-    }
-}
-
 /// Run offsite with the policy; `TMPDIR` points at `tmp` so leftovers can be checked.
 #[track_caller]
 fn run(policy: &Path, tmp: &Path, args: &[&str]) -> Out {
@@ -37,13 +24,7 @@ fn run(policy: &Path, tmp: &Path, args: &[&str]) -> Out {
         .env("TMPDIR", tmp)
         .output()
         .unwrap();
-    let o = Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-    o
+    Out::from(out)
 }
 
 /// Every secret the policy in `dir` references.
@@ -96,27 +77,7 @@ fn replica(policy: &Path, dir: &Path) -> Vec<String> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = std::process::Command::new(&rig().rclone)
-        .arg("--config")
-        .arg(&conf)
-        .args(["lsf", "-R", "--files-only", "offsite:data"])
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .unwrap();
-    if out.status.code() == Some(3) {
-        return vec![];
-    }
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(String::from)
-        .collect();
-    v.sort();
-    v
+    crypt_ls(&conf, "offsite:data")
 }
 
 fn bucket<'a>(doc: &'a Value, name: &str) -> &'a Value {
@@ -230,45 +191,27 @@ fn sync_replicates_only_ciphertext() {
         0o600
     );
     for (i, src) in s.b.sources.iter().enumerate() {
-        let out = std::process::Command::new(&rig().rclone)
-            .args([
-                "--config",
-                conf.to_str().unwrap(),
+        let out = crypt(
+            &conf,
+            &[
                 "lsjson",
                 "-R",
                 "--files-only",
-            ])
-            .arg(format!("offsite:data/{src}"))
-            .env_remove("AWS_CA_BUNDLE")
-            .output()
-            .unwrap();
+                &format!("offsite:data/{src}"),
+            ],
+        );
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-        let mut got: Vec<(String, u64)> = listed
-            .iter()
-            .map(|e| {
-                (
-                    e["Path"].as_str().unwrap().to_string(),
-                    e["Size"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        got.sort();
+        let got = parse_lsjson(&out.stdout);
         assert_eq!(
             got,
             ls(&s.b.source(i)),
             "replica of {src} differs from source"
         );
-        let data = std::process::Command::new(&rig().rclone)
-            .args(["--config", conf.to_str().unwrap(), "cat"])
-            .arg(format!("offsite:data/{src}/{}", names[2]))
-            .env_remove("AWS_CA_BUNDLE")
-            .output()
-            .unwrap();
+        let data = crypt(&conf, &["cat", &format!("offsite:data/{src}/{}", names[2])]);
         assert_eq!(data.stdout, cat(&format!("primary:{src}/{}", names[2])));
     }
 }

@@ -17,19 +17,6 @@ struct Setup {
     policy: PathBuf,
 }
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", self.stdout))
-    }
-}
-
 fn setup(n: usize, overrides: &str) -> Setup {
     let b = bucket_pair(n);
     let dir = tempdir();
@@ -53,13 +40,7 @@ impl Setup {
             .env("TMPDIR", self.tmp.path())
             .output()
             .unwrap();
-        let o = Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-        o
+        Out::from(out)
     }
 
     /// Plain rclone with offsite's rendered config (remotes source, destination, offsite).
@@ -69,13 +50,7 @@ impl Setup {
             let o = self.run(&["render", "--to", conf.to_str().unwrap()]);
             assert_eq!(o.code, 0, "{}", o.stderr);
         }
-        std::process::Command::new(&rig().rclone)
-            .arg("--config")
-            .arg(&conf)
-            .args(args)
-            .env_remove("AWS_CA_BUNDLE")
-            .output()
-            .unwrap()
+        crypt(&conf, args)
     }
 
     /// The raw (secondary) path of a replica object, e.g. `secondary:<bucket>/replica/<enc>`.

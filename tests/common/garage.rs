@@ -291,6 +291,12 @@ impl Storage {
         Storage { primary, secondary }
     }
 
+    /// The rig's two servers (`OFFSITE_TEST_*`).
+    pub fn rig() -> Storage {
+        let r = super::rig();
+        Storage::new(r.primary.clone(), r.secondary.clone())
+    }
+
     fn conf(&self) -> String {
         let mut conf = String::new();
         for (name, s) in [("primary", &self.primary), ("secondary", &self.secondary)] {
@@ -365,7 +371,8 @@ impl Storage {
         let out = self.rclone_with(&["rcat", remote_path], Some(bytes));
         assert!(
             out.status.success(),
-            "rcat {remote_path}: {}",
+            "rclone rcat {remote_path} failed ({}):\n{}",
+            out.status,
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -386,18 +393,7 @@ impl Storage {
             "lsjson {remote_path}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let items: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        let mut v: Vec<(String, u64)> = items
-            .iter()
-            .map(|i| {
-                (
-                    i["Path"].as_str().unwrap().to_string(),
-                    i["Size"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        v.sort();
-        v
+        super::parse_lsjson(&out.stdout)
     }
 
     /// Fresh buckets: `n_sources` on `primary:`, one destination on `secondary:`.

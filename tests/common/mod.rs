@@ -23,7 +23,6 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -169,85 +168,30 @@ pub fn tempdir() -> tempfile::TempDir {
 // ---------------------------------------------------------------------------------------------
 // Raw rclone, independent of offsite
 
-fn rclone_conf() -> String {
-    let r = rig();
-    let mut conf = String::new();
-    for (name, s) in [("primary", &r.primary), ("secondary", &r.secondary)] {
-        write!(
-            conf,
-            "[{name}]\ntype = s3\nprovider = Other\nenv_auth = false\naccess_key_id = {}\n\
-             secret_access_key = {}\nendpoint = {}\nregion = {}\nforce_path_style = true\n\n",
-            s.key_id, s.secret, s.endpoint, s.region
-        )
-        .unwrap();
-    }
-    conf
-}
-
-fn rclone_command(args: &[&str], dir: &Path) -> Command {
-    let conf = dir.join("rclone.conf");
-    write_private(&conf, rclone_conf().as_bytes());
-    let mut cmd = Command::new(&rig().rclone);
-    cmd.arg("--config").arg(&conf).args(args);
-    // Scrubbed env: no AWS_CA_BUNDLE (breaks rclone 1.60's S3 backend), no RCLONE_*/AWS_*.
-    cmd.env_clear();
-    for keep in ["PATH", "HOME"] {
-        if let Some(v) = std::env::var_os(keep) {
-            cmd.env(keep, v);
-        }
-    }
-    cmd.current_dir(dir);
-    cmd
+/// The rig's two servers as a [`garage::Storage`]: what the helpers below run on.
+fn storage() -> garage::Storage {
+    garage::Storage::rig()
 }
 
 /// Runs the rig's rclone with remotes `primary:` and `secondary:` configured and a scrubbed
 /// environment. Does not check the exit status.
 pub fn rclone(args: &[&str]) -> Output {
-    let dir = tempdir();
-    rclone_command(args, dir.path())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", rig().rclone.display()))
+    storage().rclone(args)
 }
 
 /// Like [`rclone`], feeding `stdin` to the process.
 pub fn rclone_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
-    let dir = tempdir();
-    let mut child = rclone_command(args, dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", rig().rclone.display()));
-    let mut pipe = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    let writer = std::thread::spawn(move || pipe.write_all(&data));
-    let out = child.wait_with_output().expect("wait for rclone");
-    writer.join().unwrap().expect("write rclone stdin");
-    out
+    storage().rclone_with(args, Some(stdin))
 }
 
 /// Runs raw rclone and panics with its stderr unless it exits 0. Returns stdout.
 pub fn rclone_ok(args: &[&str]) -> Vec<u8> {
-    check(args, rclone(args))
-}
-
-fn check(args: &[&str], out: Output) -> Vec<u8> {
-    if !out.status.success() {
-        panic!(
-            "rclone {} failed ({}):\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out.stdout
+    storage().ok(args)
 }
 
 /// Uploads `bytes` to `remote_path` (e.g. `primary:bucket/dir/file`) with `rclone rcat`.
 pub fn put(remote_path: &str, bytes: &[u8]) {
-    let args = ["rcat", remote_path];
-    check(&args, rclone_with_stdin(&args, bytes));
+    storage().put(remote_path, bytes)
 }
 
 /// The content of the object at `remote_path`.
@@ -258,9 +202,13 @@ pub fn cat(remote_path: &str) -> Vec<u8> {
 /// Every object under `remote_path` (recursive), as (path relative to `remote_path`, size),
 /// sorted by path. A missing bucket or directory is an error (rclone exit 3).
 pub fn ls(remote_path: &str) -> Vec<(String, u64)> {
-    let out = rclone_ok(&["lsjson", "-R", "--files-only", remote_path]);
-    let items: Vec<serde_json::Value> = serde_json::from_slice(&out)
-        .unwrap_or_else(|e| panic!("rclone lsjson {remote_path}: bad JSON: {e}"));
+    parse_lsjson(&rclone_ok(&["lsjson", "-R", "--files-only", remote_path]))
+}
+
+/// `rclone lsjson` output as (path, size), sorted by path.
+pub fn parse_lsjson(out: &[u8]) -> Vec<(String, u64)> {
+    let items: Vec<serde_json::Value> =
+        serde_json::from_slice(out).unwrap_or_else(|e| panic!("rclone lsjson: bad JSON: {e}"));
     let mut files: Vec<(String, u64)> = items
         .iter()
         .map(|i| {
@@ -300,6 +248,55 @@ pub fn mkdir(remote_path: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Plain rclone through offsite's rendered config
+
+/// Plain rclone with `conf`, a config written by `offsite render --to` (remotes `source`,
+/// `destination` and the crypt remote `offsite`): the admin's view of the crypt root. It
+/// inherits the environment except `AWS_CA_BUNDLE`, which breaks rclone 1.60's S3 backend (the
+/// rendered config carries no CA setting; offsite passes `--ca-cert` itself). Does not check
+/// the exit status.
+pub fn crypt(conf: &Path, args: &[&str]) -> Output {
+    Command::new(&rig().rclone)
+        .arg("--config")
+        .arg(conf)
+        .args(args)
+        .env_remove("AWS_CA_BUNDLE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Plaintext paths under a crypt path, recursive and sorted; empty when it does not exist.
+pub fn crypt_ls(conf: &Path, path: &str) -> Vec<String> {
+    let out = crypt(conf, &["lsf", "-R", "--files-only", path]);
+    if out.status.code() == Some(3) {
+        return vec![];
+    }
+    assert!(
+        out.status.success(),
+        "lsf {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+/// The plaintext of the object at a crypt path.
+pub fn crypt_cat(conf: &Path, path: &str) -> Vec<u8> {
+    let out = crypt(conf, &["cat", path]);
+    assert!(
+        out.status.success(),
+        "cat {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+// ---------------------------------------------------------------------------------------------
 // Buckets
 
 /// Fresh buckets for one test: `sources` on the primary, `destination` on the secondary.
@@ -324,20 +321,39 @@ impl Buckets {
 /// Creates `n_sources` fresh, empty source buckets on the primary and one fresh destination
 /// bucket on the secondary.
 pub fn bucket_pair(n_sources: usize) -> Buckets {
-    let sources: Vec<String> = (0..n_sources).map(|_| unique("src")).collect();
-    let destination = unique("dst");
-    for s in &sources {
-        mkdir(&format!("primary:{s}"));
-    }
-    mkdir(&format!("secondary:{destination}"));
-    Buckets {
-        sources,
-        destination,
-    }
+    storage().bucket_pair(n_sources)
 }
 
 // ---------------------------------------------------------------------------------------------
 // offsite
+
+/// What one offsite run gave: exit code and output. Made from its `Output`, asserting that
+/// offsite did not panic.
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    /// stdout as the one JSON document `--output json` promises.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", self.stdout))
+    }
+}
+
+impl From<Output> for Out {
+    fn from(out: Output) -> Out {
+        let o = Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
+        o
+    }
+}
 
 /// The real `offsite` binary, with `OFFSITE_RCLONE` set to the rig's rclone and
 /// `RUST_BACKTRACE=0`. It inherits the rest of the environment (including `AWS_CA_BUNDLE`).
@@ -364,7 +380,7 @@ pub fn offsite_on_host(host: &str) -> assert_cmd::Command {
 // ---------------------------------------------------------------------------------------------
 // Policies and secrets
 
-fn write_private(path: &Path, bytes: &[u8]) {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
