@@ -458,11 +458,15 @@ fn replicate(
     let started = SystemTime::now();
     let run_id = report::run_id(started);
     let (policy, findings) = load_compliant(cli, ctx)?;
-    let rclone = Rclone::probe(cli.rclone.as_deref())?;
+    let rclone_path = crate::rclone::locate(cli.rclone.as_deref())?;
     let config = PrivateConfig::new(&policy)?;
     let shard = args.shard()?;
+    // The version check (C013) runs while the guards' first read-only requests do (see
+    // guards::Guarded::begin); only `buckets: all` needs it before, to list the source.
+    let mut probed: Option<Rclone> = None;
     let mut buckets = sync::resolve_buckets(&policy, &args.buckets, || {
-        sync::discover_source_buckets(&rclone, config.path())
+        let r = probed.insert(Rclone::probe_at(rclone_path.clone())?);
+        sync::discover_source_buckets(r, config.path())
     })?;
     if let Some((i, n)) = shard {
         buckets.retain(|b| sync::shard_of(&b.name.0, n) == i);
@@ -475,8 +479,19 @@ fn replicate(
             .map(|(i, n)| format!("-shard-{i}-of-{n}"))
             .unwrap_or_default(),
     };
-    let (guarded, plans) =
-        guards::Guarded::begin(&policy, &rclone, &config, &run_id, &buckets, &opts)?;
+    let early = Rclone::unchecked(rclone_path.clone());
+    let (guarded, plans, rclone) = guards::Guarded::begin(
+        &policy,
+        &early,
+        &config,
+        &run_id,
+        &buckets,
+        &opts,
+        || match probed {
+            Some(r) => Ok(r),
+            None => Rclone::probe_at(rclone_path.clone()),
+        },
+    )?;
     let job = Job {
         policy: &policy,
         rclone: &rclone,
@@ -782,12 +797,27 @@ pub fn verify_buckets(
 
 /// The changed objects per bucket recorded by the last syncs: `.offsite/state.json`, merged
 /// with the per-shard `state-shard-I-of-N.json` files (the newest entry of a bucket wins).
-fn read_state(rclone: &Rclone, config: &PrivateConfig) -> anyhow::Result<Option<guards::State>> {
+/// The states of `.offsite/state*.json` merged, and the key canary (`None` when absent), in
+/// one `rclone copy`.
+fn read_state(
+    rclone: &Rclone,
+    config: &PrivateConfig,
+) -> anyhow::Result<(Option<guards::State>, Option<Vec<u8>>)> {
     let down = config.scratch_dir("state-in")?;
     let mut a = rclone.meta_args(config.path());
     a.extend(["copy", "offsite:.offsite"].map(OsString::from));
     a.push(down.clone().into());
-    a.extend(["--max-depth", "1", "--include", "/state*.json"].map(OsString::from));
+    a.extend(
+        [
+            "--max-depth",
+            "1",
+            "--include",
+            "/state*.json",
+            "--include",
+            "/canary",
+        ]
+        .map(OsString::from),
+    );
     let out = rclone.output(&a, None)?;
     if !out.status.success() && out.status.code() != Some(3) {
         return Err(fail(
@@ -798,8 +828,12 @@ fn read_state(rclone: &Rclone, config: &PrivateConfig) -> anyhow::Result<Option<
             ),
         ));
     }
+    let canary = std::fs::read(down.join("canary")).ok();
     let mut merged: Option<guards::State> = None;
     for e in std::fs::read_dir(&down)?.flatten() {
+        if e.file_name() == "canary" {
+            continue;
+        }
         let st: guards::State =
             serde_json::from_slice(&std::fs::read(e.path())?).map_err(|err| {
                 fail(
@@ -821,7 +855,7 @@ fn read_state(rclone: &Rclone, config: &PrivateConfig) -> anyhow::Result<Option<
             }
         }
     }
-    Ok(merged)
+    Ok((merged, canary))
 }
 
 fn print_verify(ctx: &Ctx, name: &str, v: &verify::Verified) {
@@ -854,37 +888,34 @@ pub fn verify_cmd(cli: &Cli, ctx: &Ctx, args: &crate::cli::VerifyArgs) -> anyhow
         crate::policy::VerifyMode::Sample => verify::Mode::Sample,
         _ => verify::Mode::Full,
     });
-    // The version check (C013), the canary and (for changed mode) the state run at once: all
-    // three only read, and for a changed-only check these rclone starts are most of its cost.
-    // With a wrong key the state reads as absent and the canary refuses anyway; a version
-    // that is too old refuses before either result is used.
+    // The version check (C013) and the canary (with the state, for changed mode, in the same
+    // copy of .offsite/) run at once: they only read, and for a changed-only check these
+    // rclone starts are most of its cost. With a wrong key the state reads as absent and the
+    // canary refuses anyway; a version that is too old refuses before either result is used.
     let early = Rclone::unchecked(rclone_path.clone());
-    let (probed, canary, state) = std::thread::scope(|s| {
+    let (probed, canary) = std::thread::scope(|s| {
         let probed = s.spawn(|| Rclone::probe_at(rclone_path.clone()));
-        let state = s.spawn(|| {
-            if mode == verify::Mode::Changed {
-                read_state(&early, &config)
-            } else {
-                Ok(None)
-            }
-        });
-        let canary = guards::canary_status(&early, config.path(), &policy);
+        let canary = if mode == verify::Mode::Changed {
+            read_state(&early, &config).and_then(|(state, found)| {
+                Ok((
+                    guards::canary_verdict(&early, config.path(), &policy, found)?,
+                    state,
+                ))
+            })
+        } else {
+            guards::canary_status(&early, config.path(), &policy).map(|c| (c, None))
+        };
         let panicked = || anyhow::anyhow!("internal error: a reader thread panicked");
-        (
-            probed.join().unwrap_or_else(|_| Err(panicked())),
-            canary,
-            state.join().unwrap_or_else(|_| Err(panicked())),
-        )
+        (probed.join().unwrap_or_else(|_| Err(panicked())), canary)
     });
     let rclone = probed?;
-    let (canary_ok, canary_detail) = canary?;
+    let ((canary_ok, canary_detail), state) = canary?;
     if !canary_ok {
         return Err(fail(
             Code::GuardRefused,
             format!("key canary: {canary_detail}; nothing was verified"),
         ));
     }
-    let state = state?;
     let buckets = sync::resolve_buckets(&policy, &args.buckets, || {
         sync::discover_source_buckets(&rclone, config.path())
     })?;

@@ -25,8 +25,8 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -368,7 +368,8 @@ pub struct Options {
 /// from `.offsite/`. [`Guarded::finish`] writes state and releases the lease; dropping it
 /// without finishing releases the lease best-effort (errors, signals).
 pub struct Guarded<'a> {
-    rclone: &'a Rclone,
+    /// The checked rclone (its version known).
+    rclone: Rclone,
     config: &'a PrivateConfig,
     policy: &'a Policy,
     run_id: String,
@@ -382,7 +383,7 @@ pub struct Guarded<'a> {
     taken_over: Vec<String>,
     state_name: String,
     lease_held: bool,
-    heartbeat: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    heartbeat: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     pub state: State,
     pub decisions: Vec<Decision>,
     /// Replica counts taken by listing this run (state.json did not know them).
@@ -507,8 +508,20 @@ pub fn canary_status(
         None,
     )?;
     // `rclone cat` of a missing object prints nothing and exits 0: empty output is "absent".
-    if out.status.success() && !out.stdout.is_empty() {
-        return Ok(if out.stdout == CANARY {
+    let found = (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout);
+    canary_verdict(rclone, config, policy, found)
+}
+
+/// [`canary_status`] from the canary as already read (`None`: there is none), e.g. by a copy
+/// of `.offsite/` that fetched it with the state.
+pub fn canary_verdict(
+    rclone: &Rclone,
+    config: &Path,
+    policy: &Policy,
+    found: Option<Vec<u8>>,
+) -> anyhow::Result<(bool, String)> {
+    if let Some(c) = found {
+        return Ok(if c == CANARY {
             (true, "decrypts with this key".into())
         } else {
             (
@@ -545,16 +558,22 @@ fn count_replica(rclone: &Rclone, config: &Path, bucket: &str) -> anyhow::Result
 }
 
 impl<'a> Guarded<'a> {
-    /// Take the locks and run the guards that come before any write. Errors: exit 8 (lock),
-    /// exit 4 (canary), exit 5 (storage).
+    /// Take the locks and run the guards that come before any write. Errors: exit 7 (the
+    /// version check), exit 8 (lock), exit 4 (canary), exit 5 (storage).
+    ///
+    /// `check_version` ([`Rclone::probe_at`]) runs in parallel with the first, read-only
+    /// phase, which uses `rclone` as [`Rclone::unchecked`] may be: one rclone start less in
+    /// sequence on every run. Its error comes first, before any result of that phase is used
+    /// and before anything is written; the checked rclone is returned for the syncs.
     pub fn begin(
         policy: &'a Policy,
-        rclone: &'a Rclone,
+        rclone: &Rclone,
         config: &'a PrivateConfig,
         run_id: &str,
         buckets: &[BucketSpec],
         opts: &Options,
-    ) -> anyhow::Result<(Guarded<'a>, Vec<BucketPlan>)> {
+        check_version: impl FnOnce() -> anyhow::Result<Rclone> + Send,
+    ) -> anyhow::Result<(Guarded<'a>, Vec<BucketPlan>, Rclone)> {
         let lock_name = format!("{}{}", policy.name, opts.lock_suffix);
         let local = LocalLock::acquire(&lock_name, run_id)?;
         let lease_dir = format!("leases{}", opts.lock_suffix);
@@ -565,7 +584,8 @@ impl<'a> Guarded<'a> {
 
         // Phase 1, in parallel: .offsite/ (canary, state, lease) and, per bucket, whether the
         // source lists anything.
-        let (fetched, source_probes) = std::thread::scope(|s| {
+        let (checked, fetched, source_probes) = std::thread::scope(|s| {
+            let v = s.spawn(check_version);
             let f = s.spawn(|| fetch(rclone, config, policy, &lease_dir, &state_name));
             let probes: Vec<_> = buckets
                 .iter()
@@ -589,8 +609,13 @@ impl<'a> Guarded<'a> {
                         .unwrap_or_else(|_| Err(anyhow::anyhow!("probe panicked")))
                 })
                 .collect();
-            (f, p)
+            let v = v
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("version check panicked")));
+            (v, f, p)
         });
+        let checked = checked?;
+        let rclone = &checked;
         let fetched = fetched?;
         let mut decisions = Vec::new();
 
@@ -669,7 +694,7 @@ impl<'a> Guarded<'a> {
             token.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
         let mut guarded = Guarded {
-            rclone,
+            rclone: checked.clone(),
             config,
             policy,
             run_id: run_id.to_string(),
@@ -819,7 +844,7 @@ impl<'a> Guarded<'a> {
             }
             plans.push(plan);
         }
-        Ok((guarded, plans))
+        Ok((guarded, plans, checked))
     }
 
     fn lease_doc(&self, ttl: Duration, released: bool, held: bool) -> Lease {
@@ -864,7 +889,7 @@ impl<'a> Guarded<'a> {
                     // Another run may have finished between our first read and now: read
                     // the state it wrote.
                     let f = fetch(
-                        self.rclone,
+                        &self.rclone,
                         self.config,
                         self.policy,
                         &self.lease_dir,
@@ -909,9 +934,9 @@ impl<'a> Guarded<'a> {
         let n = FETCHES.fetch_add(1, Ordering::SeqCst);
         let down = self.config.scratch_dir(&format!("leases-in-{n}"))?;
         let out = copy_down(
-            self.rclone,
+            &self.rclone,
             &args(
-                self.rclone,
+                &self.rclone,
                 self.config.path(),
                 &[
                     "copy",
@@ -984,7 +1009,7 @@ impl<'a> Guarded<'a> {
         let doc = serde_json::to_vec(&self.lease_doc(ttl, false, false))?;
         let out = self.rclone.output(
             &args(
-                self.rclone,
+                &self.rclone,
                 self.config.path(),
                 &["rcat", &self.lease_path()],
             ),
@@ -1000,7 +1025,7 @@ impl<'a> Guarded<'a> {
     fn delete_own_lease(&mut self) -> anyhow::Result<()> {
         let out = self.rclone.output(
             &args(
-                self.rclone,
+                &self.rclone,
                 self.config.path(),
                 &["deletefile", &self.lease_path()],
             ),
@@ -1020,11 +1045,12 @@ impl<'a> Guarded<'a> {
     /// now stop at once), remove the stale leases we met, and renew ours every third of the
     /// TTL.
     fn start_heartbeat(&mut self, ttl: Duration) {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
+        // Stopping is a message (or the sender dropped), not a flag polled between sleeps:
+        // the run's end does not wait for a sleep to run out.
+        let (stop, stopped) = mpsc::channel::<()>();
         let rclone = self.rclone.clone();
         let a = args(
-            self.rclone,
+            &self.rclone,
             self.config.path(),
             &["rcat", &self.lease_path()],
         );
@@ -1032,7 +1058,7 @@ impl<'a> Guarded<'a> {
             .iter()
             .map(|n| {
                 args(
-                    self.rclone,
+                    &self.rclone,
                     self.config.path(),
                     &[
                         "deletefile",
@@ -1055,20 +1081,14 @@ impl<'a> Guarded<'a> {
             };
             renew(&rclone);
             for d in &stale {
-                if s2.load(Ordering::SeqCst) {
-                    break;
+                if !matches!(stopped.try_recv(), Err(mpsc::TryRecvError::Empty)) {
+                    return;
                 }
                 let _ = rclone.output(d, None);
             }
             let every = ttl / 3;
-            let mut waited = Duration::ZERO;
-            while !s2.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(200));
-                waited += Duration::from_millis(200);
-                if waited >= every {
-                    waited = Duration::ZERO;
-                    renew(&rclone);
-                }
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                renew(&rclone);
             }
         });
         self.heartbeat = Some((stop, h));
@@ -1076,7 +1096,7 @@ impl<'a> Guarded<'a> {
 
     fn stop_heartbeat(&mut self) {
         if let Some((stop, h)) = self.heartbeat.take() {
-            stop.store(true, Ordering::SeqCst);
+            let _ = stop.send(());
             let _ = h.join();
         }
     }
@@ -1109,7 +1129,7 @@ impl<'a> Guarded<'a> {
             let replica = match before {
                 Some(n) => (n + c.copied).saturating_sub(c.replaced + c.deleted),
                 // Nothing known (first run with the breaker off): count once.
-                None => count_replica(self.rclone, self.config.path(), &r.name)?,
+                None => count_replica(&self.rclone, self.config.path(), &r.name)?,
             };
             let mut changed = c.changed_objects.clone();
             let truncated = changed.len() > MAX_CHANGED;
@@ -1148,7 +1168,7 @@ impl<'a> Guarded<'a> {
         )?;
         let out = self.rclone.output(
             &args(
-                self.rclone,
+                &self.rclone,
                 self.config.path(),
                 &[
                     "copy",
@@ -1179,7 +1199,7 @@ impl Drop for Guarded<'_> {
             if let Ok(doc) = serde_json::to_vec(&self.lease_doc(Duration::ZERO, true, false)) {
                 let target = self.lease_path();
                 let _ = self.rclone.output_cleanup(
-                    &args(self.rclone, self.config.path(), &["rcat", &target]),
+                    &args(&self.rclone, self.config.path(), &["rcat", &target]),
                     Some(&doc),
                 );
             }

@@ -143,6 +143,62 @@ fn wrong_password_or_salt_writes_nothing() {
     assert_eq!(bucket(&doc, src)["copied"], 1);
 }
 
+/// A fake rclone: the version check is the one error path a real rclone of this pass cannot
+/// produce. The script reports 1.59.2 to `rclone version` and runs the real rclone for every
+/// other request, so the first, read-only phase (which runs while the version is checked)
+/// really reads the secondary; nothing may be written.
+#[test]
+fn fake_rclone_too_old_exits_7_and_writes_nothing() {
+    let s = setup(1, "");
+    let src = &s.b.sources[0];
+    put(&format!("primary:{src}/one.txt"), b"first object");
+    let o = s.run(&["sync"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    put(
+        &format!("primary:{src}/two.txt"),
+        b"second object, never uploaded",
+    );
+    let before = raw(&s);
+
+    let fake = s.dir.path().join("rclone-1.59");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = version ]; then\n  echo 'rclone v1.59.2'\n  echo '- os/version: debian'\n  exit 0\nfi\nexec '{}' \"$@\"\n",
+            rig().rclone.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for args in [
+        &["sync"][..],
+        &["run"][..],
+        &["verify", "--mode", "changed"][..],
+        &["verify", "--mode", "full"][..],
+    ] {
+        let mut a = vec!["--rclone", fake.to_str().unwrap()];
+        a.extend(args);
+        let o = s.run(&a);
+        assert_eq!(o.code, 7, "{args:?}: {}", o.stderr);
+        assert!(
+            o.stderr.contains("C013") && o.stderr.contains("1.59.2"),
+            "{args:?}: {}",
+            o.stderr
+        );
+        // One line of reason (the other lines are the policy's compliance warnings).
+        let errors = o.stderr.lines().filter(|l| !l.contains("warning C0"));
+        assert_eq!(errors.count(), 1, "{args:?}: {}", o.stderr);
+        assert_eq!(raw(&s), before, "{args:?} changed the secondary");
+    }
+    let left: Vec<_> = std::fs::read_dir(s.tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("offsite-") && !n.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "private dirs left behind: {left:?}");
+}
+
 #[test]
 fn emptied_source_deletes_nothing_unless_allowed() {
     let s = setup(1, "");
