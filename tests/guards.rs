@@ -73,6 +73,17 @@ impl Setup {
     fn crypt_ls(&self, path: &str) -> Vec<String> {
         crypt_ls(&self.admin_conf(), path)
     }
+
+    /// offsite's private directories (`$TMPDIR/offsite-*`, not the lock files) left in this
+    /// setup's TMPDIR.
+    fn private_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("offsite-") && !n.ends_with(".lock"))
+            .collect()
+    }
 }
 
 fn guard<'a>(doc: &'a Value, name: &str) -> Vec<&'a Value> {
@@ -190,12 +201,7 @@ fn fake_rclone_too_old_exits_7_and_writes_nothing() {
         assert_eq!(errors.count(), 1, "{args:?}: {}", o.stderr);
         assert_eq!(raw(&s), before, "{args:?} changed the secondary");
     }
-    let left: Vec<_> = std::fs::read_dir(s.tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("offsite-") && !n.ends_with(".lock"))
-        .collect();
+    let left = s.private_dirs();
     assert!(left.is_empty(), "private dirs left behind: {left:?}");
 }
 
@@ -513,11 +519,6 @@ fn a_killed_run_blocks_other_hosts_until_its_lease_expires() {
     // The killed run's private directory is removed by the next run on its machine.
     let o = s.run_env(&["sync", "--output", "json"], &ttl);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let left: Vec<_> = std::fs::read_dir(s.tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("offsite-") && !n.ends_with(".lock"))
-        .collect();
+    let left = s.private_dirs();
     assert!(left.is_empty(), "stale private dirs: {left:?}");
 }
