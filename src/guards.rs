@@ -386,8 +386,14 @@ pub struct Guarded<'a> {
     heartbeat: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     pub state: State,
     pub decisions: Vec<Decision>,
-    /// Replica counts taken by listing this run (state.json did not know them).
+    /// Replica counts taken by listing this run (state.json did not know them), or known to
+    /// be 0 (the crypt root was empty and no other run came between).
     counted: BTreeMap<String, u64>,
+    /// The leases in the first read of `.offsite/`.
+    first_seen: Vec<String>,
+    /// A later listing showed a lease of another run that the first read had not: that run
+    /// may have written the replica and the state since.
+    newcomer: bool,
     _local: LocalLock,
 }
 
@@ -621,6 +627,8 @@ impl<'a> Guarded<'a> {
 
         // Key canary: before anything is written.
         let mut write_canary = false;
+        // The raw crypt root held nothing at all at the first read: every replica starts at 0.
+        let mut root_empty = false;
         if g.key_canary {
             match &fetched.canary {
                 Some(c) if c == CANARY => decisions.push(Decision::new(
@@ -637,6 +645,7 @@ impl<'a> Guarded<'a> {
                     match probe(rclone, cfg, &root)? {
                         None | Some(false) => {
                             write_canary = true;
+                            root_empty = true;
                             decisions.push(Decision::new(
                                 "key_canary",
                                 None,
@@ -712,11 +721,20 @@ impl<'a> Guarded<'a> {
             }),
             decisions,
             counted: BTreeMap::new(),
+            first_seen: fetched.leases.iter().map(|l| l.name.clone()).collect(),
+            newcomer: false,
             _local: local,
         };
         let candidates = guarded.sort_leases(fetched.leases, ttl, &[])?;
         if !opts.dry_run {
             guarded.take_lease(ttl, candidates)?;
+            if root_empty && !guarded.newcomer {
+                // Nobody wrote between the first read and our lease, and nobody can now: the
+                // first run need not list each replica at its end to count it.
+                for b in buckets {
+                    guarded.counted.insert(b.name.0.clone(), 0);
+                }
+            }
             guarded.start_heartbeat(ttl);
             for detail in std::mem::take(&mut guarded.taken_over) {
                 guarded
@@ -885,7 +903,7 @@ impl<'a> Guarded<'a> {
             self.lease_held = true;
             let others = self.look(ttl, &met)?;
             if others.is_empty() {
-                if contended {
+                if contended || self.newcomer {
                     // Another run may have finished between our first read and now: read
                     // the state it wrote.
                     let f = fetch(
@@ -951,7 +969,14 @@ impl<'a> Guarded<'a> {
         if !out.status.success() && out.status.code() != Some(3) {
             return Err(storage_error("listing the lock leases failed", &out.stderr));
         }
-        self.sort_leases(read_leases(&down), ttl, met)
+        let seen = read_leases(&down);
+        if seen
+            .iter()
+            .any(|l| l.name != self.lease_token && !self.first_seen.contains(&l.name))
+        {
+            self.newcomer = true;
+        }
+        self.sort_leases(seen, ttl, met)
     }
 
     /// The other live candidates' names among `seen`. A held lease of another run is exit 8

@@ -227,6 +227,9 @@ fn emptied_source_deletes_nothing_unless_allowed() {
     let g = guard(&doc, "refuse_empty_source");
     assert_eq!(g[0]["result"], "refused");
     assert_eq!(g[0]["bucket"], src.as_str());
+    // The count comes from state.json: the first run into an empty root counted 0 + copied.
+    let detail = g[0]["detail"].as_str().unwrap();
+    assert!(detail.contains("holds 4 objects"), "{detail}");
     assert_eq!(bucket(&doc, src)["status"], "guard_refused");
     assert_eq!(
         s.crypt_ls(&format!("offsite:data/{src}")),
