@@ -691,6 +691,15 @@ impl<'a> Guarded<'a> {
                 "disabled",
                 "guards.key_canary is false (C011)",
             ));
+            // Without the canary's probe of an empty root, ask the same of a run with no
+            // state (a first run): is the root empty, so that every replica starts at 0? A
+            // failed probe only means "not known".
+            if fetched.state.is_none() && !opts.dry_run {
+                root_empty = matches!(
+                    probe(rclone, cfg, &crypt_root(policy)),
+                    Ok(None | Some(false))
+                );
+            }
         }
 
         // Remote lease: a run that holds it is refused before anything is written; a lease
@@ -775,7 +784,12 @@ impl<'a> Guarded<'a> {
                 backup_dir: (g.keep_deleted_days.0 > 0)
                     .then(|| format!("offsite:deleted/{run_id}/{name}")),
             };
-            let known = guarded.state.buckets.get(name).map(|s| s.replica_objects);
+            let known = guarded
+                .state
+                .buckets
+                .get(name)
+                .map(|s| s.replica_objects)
+                .or_else(|| guarded.counted.get(name).copied());
             let source_empty = match p {
                 Ok(Some(Some(has))) => !has,
                 Ok(Some(None)) => {

@@ -205,6 +205,52 @@ fn fake_rclone_too_old_exits_7_and_writes_nothing() {
     assert!(left.is_empty(), "private dirs left behind: {left:?}");
 }
 
+/// state.json's replica count is what the delete limit and the empty-source breaker rest on.
+/// A first run into an empty root knows it without listing (0 + copied); a run without state
+/// into a root that already holds a replica must not assume 0. Both with the key canary off,
+/// where the canary's probe of the root is not there to tell an empty root.
+#[test]
+fn replica_count_in_state_is_right_without_state_whether_or_not_the_root_was_empty() {
+    let s = setup(
+        1,
+        "guards:\n  key_canary: false\n  refuse_empty_source: false\n  keep_deleted_days: 0\n",
+    );
+    let src = &s.b.sources[0];
+    for i in 0..5 {
+        put(
+            &format!("primary:{src}/d/obj-{i}.txt"),
+            format!("object {i}").as_bytes(),
+        );
+    }
+    let replica_objects = || -> Value {
+        let st: Value =
+            serde_json::from_slice(&s.crypt_cat("offsite:.offsite/state.json")).unwrap();
+        st["buckets"][src.as_str()]["replica_objects"].clone()
+    };
+    let o = s.run(&["sync"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(replica_objects(), 5, "first run into an empty root");
+
+    // The state lost (or a replica made by plain rclone): the next run has none, the root
+    // holds 5 replica objects, and it copies 1 more.
+    let out = s.crypt(&["deletefile", "offsite:.offsite/state.json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    put(&format!("primary:{src}/d/obj-5.txt"), b"object 5");
+    let o = s.run(&["sync", "--output", "json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(bucket(&o.json(), src)["copied"], 1);
+    assert_eq!(
+        replica_objects(),
+        6,
+        "run without state into a non-empty root"
+    );
+    assert_eq!(s.crypt_ls(&format!("offsite:data/{src}")).len(), 6);
+}
+
 #[test]
 fn emptied_source_deletes_nothing_unless_allowed() {
     let s = setup(1, "");
