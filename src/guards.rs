@@ -417,7 +417,7 @@ struct Fetched {
     leases: Vec<SeenLease>,
 }
 
-/// Scratch directories for copies of `.offsite/` must not mix: a run may read it twice.
+/// Scratch directories for copies of `.offsite/` must not mix ([`copy_down`]).
 static FETCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn fetch(
@@ -427,40 +427,29 @@ fn fetch(
     lease_dir: &str,
     state_name: &str,
 ) -> anyhow::Result<Fetched> {
-    let n = FETCHES.fetch_add(1, Ordering::SeqCst);
-    let down = config.scratch_dir(&format!("remote-in-{n}"))?;
     let lease_filter = format!("/{lease_dir}/*");
     let state_filter = format!("/{state_name}");
-    let out = copy_down(
+    // Exit 3: `.offsite` does not exist under this key (first run, or a wrong key).
+    let down = copy_down(
         rclone,
-        &args(
-            rclone,
-            config.path(),
-            &[
-                "copy",
-                "offsite:.offsite",
-                down.to_str().context("temp path is not UTF-8")?,
-                "--max-depth",
-                "2",
-                "--include",
-                "/canary",
-                "--include",
-                &state_filter,
-                "--include",
-                &lease_filter,
-            ],
+        config,
+        "remote-in",
+        "offsite:.offsite",
+        &[
+            "--max-depth",
+            "2",
+            "--include",
+            "/canary",
+            "--include",
+            &state_filter,
+            "--include",
+            &lease_filter,
+        ],
+        &format!(
+            "destination unreachable: reading .offsite/ under the crypt root {} failed",
+            crypt_root(config_policy)
         ),
     )?;
-    // Exit 3: `.offsite` does not exist under this key (first run, or a wrong key).
-    if !out.status.success() && out.status.code() != Some(3) {
-        return Err(storage_error(
-            &format!(
-                "destination unreachable: reading .offsite/ under the crypt root {} failed",
-                crypt_root(config_policy)
-            ),
-            &out.stderr,
-        ));
-    }
     let read = |name: &str| std::fs::read(down.join(name)).ok();
     let state = match read(state_name) {
         Some(b) => Some(serde_json::from_slice(&b).context(".offsite/state.json is not valid")?),
@@ -473,20 +462,45 @@ fn fetch(
     })
 }
 
-/// `rclone copy` of `.offsite/` (or part of it) to a local directory. Another run may delete
-/// its withdrawn lease between rclone's listing and its download (the object is gone: 404),
-/// so a failed copy is taken again, up to three times, before it counts. A partial copy never
-/// counts: a lease that failed to come down for another reason could be a live one.
-fn copy_down(rclone: &Rclone, a: &[OsString]) -> anyhow::Result<std::process::Output> {
-    let mut out = rclone.output(a, None)?;
+/// `rclone copy` of `from` (`.offsite/` or part of it) into a new scratch directory named
+/// after `scratch`, which it returns; `from` missing (rclone exit 3) leaves it empty. Another
+/// run may delete its withdrawn lease between rclone's listing and its download (the object
+/// is gone: 404), so a failed copy is taken again, up to three times, before it fails as
+/// `what`. A partial copy never counts: a lease that failed to come down for another reason
+/// could be a live one.
+fn copy_down(
+    rclone: &Rclone,
+    config: &PrivateConfig,
+    scratch: &str,
+    from: &str,
+    filters: &[&str],
+    what: &str,
+) -> anyhow::Result<PathBuf> {
+    // A run may read `.offsite/` more than once: each copy gets a directory of its own.
+    let n = FETCHES.fetch_add(1, Ordering::SeqCst);
+    let down = config.scratch_dir(&format!("{scratch}-{n}"))?;
+    let mut a = args(
+        rclone,
+        config.path(),
+        &[
+            "copy",
+            from,
+            down.to_str().context("temp path is not UTF-8")?,
+        ],
+    );
+    a.extend(filters.iter().map(OsString::from));
+    let mut out = rclone.output(&a, None)?;
     for _ in 0..2 {
         if out.status.success() || out.status.code() == Some(3) {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
-        out = rclone.output(a, None)?;
+        out = rclone.output(&a, None)?;
     }
-    Ok(out)
+    if !out.status.success() && out.status.code() != Some(3) {
+        return Err(storage_error(what, &out.stderr));
+    }
+    Ok(down)
 }
 
 /// Is there anything at `path`? (`lsf --max-depth 1`, first line only.) `None` when the path
@@ -762,13 +776,11 @@ impl<'a> Guarded<'a> {
                 ),
             ));
             if write_canary {
-                let out = rclone.output(
-                    &args(rclone, cfg, &["rcat", "offsite:.offsite/canary"]),
+                guarded.request(
+                    &["rcat", "offsite:.offsite/canary"],
                     Some(CANARY),
+                    "writing the key canary failed",
                 )?;
-                if !out.status.success() {
-                    return Err(storage_error("writing the key canary failed", &out.stderr));
-                }
             }
         }
 
@@ -963,26 +975,15 @@ impl<'a> Guarded<'a> {
     /// List the lease directory (one `rclone copy` of it) and sort what is there
     /// ([`Guarded::sort_leases`]).
     fn look(&mut self, ttl: Duration, met: &[String]) -> anyhow::Result<Vec<String>> {
-        let n = FETCHES.fetch_add(1, Ordering::SeqCst);
-        let down = self.config.scratch_dir(&format!("leases-in-{n}"))?;
-        let out = copy_down(
-            &self.rclone,
-            &args(
-                &self.rclone,
-                self.config.path(),
-                &[
-                    "copy",
-                    &format!("offsite:.offsite/{}", self.lease_dir),
-                    down.to_str().context("temp path is not UTF-8")?,
-                    "--max-depth",
-                    "1",
-                ],
-            ),
-        )?;
         // Exit 3: the directory is gone (every other lease withdrawn, ours too): nobody.
-        if !out.status.success() && out.status.code() != Some(3) {
-            return Err(storage_error("listing the lock leases failed", &out.stderr));
-        }
+        let down = copy_down(
+            &self.rclone,
+            self.config,
+            "leases-in",
+            &format!("offsite:.offsite/{}", self.lease_dir),
+            &["--max-depth", "1"],
+            "listing the lock leases failed",
+        )?;
         let seen = read_leases(&down);
         if seen
             .iter()
@@ -1044,38 +1045,33 @@ impl<'a> Guarded<'a> {
         Ok(others)
     }
 
-    fn write_lease(&self, ttl: Duration) -> anyhow::Result<()> {
-        let doc = serde_json::to_vec(&self.lease_doc(ttl, false, false))?;
-        let out = self.rclone.output(
-            &args(
-                &self.rclone,
-                self.config.path(),
-                &["rcat", &self.lease_path()],
-            ),
-            Some(&doc),
-        )?;
+    /// One of offsite's own requests to the secondary; its failure is `what` (exit 5).
+    fn request(&self, rest: &[&str], stdin: Option<&[u8]>, what: &str) -> anyhow::Result<()> {
+        let out = self
+            .rclone
+            .output(&args(&self.rclone, self.config.path(), rest), stdin)?;
         if !out.status.success() {
-            return Err(storage_error("writing the lock lease failed", &out.stderr));
+            return Err(storage_error(what, &out.stderr));
         }
         Ok(())
     }
 
+    fn write_lease(&self, ttl: Duration) -> anyhow::Result<()> {
+        let doc = serde_json::to_vec(&self.lease_doc(ttl, false, false))?;
+        self.request(
+            &["rcat", &self.lease_path()],
+            Some(&doc),
+            "writing the lock lease failed",
+        )
+    }
+
     /// Withdraw our candidate lease (we met another run).
     fn delete_own_lease(&mut self) -> anyhow::Result<()> {
-        let out = self.rclone.output(
-            &args(
-                &self.rclone,
-                self.config.path(),
-                &["deletefile", &self.lease_path()],
-            ),
+        self.request(
+            &["deletefile", &self.lease_path()],
             None,
+            "withdrawing the lock lease failed",
         )?;
-        if !out.status.success() {
-            return Err(storage_error(
-                "withdrawing the lock lease failed",
-                &out.stderr,
-            ));
-        }
         self.lease_held = false;
         Ok(())
     }
@@ -1205,25 +1201,16 @@ impl<'a> Guarded<'a> {
             &leases.join(&self.lease_token),
             &serde_json::to_vec(&self.lease_doc(Duration::ZERO, true, false))?,
         )?;
-        let out = self.rclone.output(
-            &args(
-                &self.rclone,
-                self.config.path(),
-                &[
-                    "copy",
-                    "--ignore-times",
-                    up.to_str().context("temp path")?,
-                    "offsite:.offsite",
-                ],
-            ),
+        self.request(
+            &[
+                "copy",
+                "--ignore-times",
+                up.to_str().context("temp path")?,
+                "offsite:.offsite",
+            ],
             None,
+            "writing .offsite/state.json failed",
         )?;
-        if !out.status.success() {
-            return Err(storage_error(
-                "writing .offsite/state.json failed",
-                &out.stderr,
-            ));
-        }
         self.lease_held = false;
         Ok(())
     }
