@@ -796,9 +796,8 @@ pub fn verify_buckets(
 }
 
 /// The changed objects per bucket recorded by the last syncs: `.offsite/state.json`, merged
-/// with the per-shard `state-shard-I-of-N.json` files (the newest entry of a bucket wins).
-/// The states of `.offsite/state*.json` merged, and the key canary (`None` when absent), in
-/// one `rclone copy`.
+/// with the per-shard `state-shard-I-of-N.json` files (the newest entry of a bucket wins),
+/// and the key canary (`None` when absent), in one `rclone copy`.
 fn read_state(
     rclone: &Rclone,
     config: &PrivateConfig,
